@@ -1,0 +1,1 @@
+"""mbn_tf: planned, see DESIGN.md."""

@@ -1,0 +1,1 @@
+"""mbn_torch: planned, see DESIGN.md."""

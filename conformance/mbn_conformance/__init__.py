@@ -1,0 +1,1 @@
+"""mbn_conformance: planned, see DESIGN.md."""

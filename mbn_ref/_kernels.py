@@ -1,0 +1,132 @@
+"""The math of BN and MBN, once, as small private functions over per-channel vectors.
+
+Public functions in :mod:`mbn_ref.bn` and :mod:`mbn_ref.mbn` (and the synchronized versions
+in :mod:`mbn_ref.distributed`) validate their arguments and call these. Derivations:
+``docs/derivations/backward.md``.
+
+Shapes: ``x``/``dy`` are full arrays in the compute dtype; every other array is a 1-D
+per-channel vector of length C, also in the compute dtype. ``axis`` is the non-negative
+channel axis and ``axes`` the reduced ones.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._array import Array, Namespace, as_channel
+
+
+def batch_moments(
+    xp: Namespace, x: Array, axis: int, axes: tuple[int, ...]
+) -> tuple[Array, Array, Array]:
+    """Per-channel mean, biased variance, and the centered data ``x - mean``.
+
+    Two-pass (mean first, then the mean of squared deviations), which stays accurate for
+    offset data where ``E[x^2] - E[x]^2`` loses every digit (SPEC §7).
+    """
+    mean = xp.mean(x, axis=axes)
+    centered = x - as_channel(xp, mean, x.ndim, axis)
+    var = xp.mean(centered * centered, axis=axes)
+    return mean, var, centered
+
+
+def inverse_std(xp: Namespace, var: Array, eps: float) -> Array:
+    """``1 / sqrt(var + eps)``: eps inside the square root (SPEC §1)."""
+    return 1.0 / xp.sqrt(var + eps)
+
+
+def ema(old: Array, new: Array, decay: Any) -> Array:
+    """Exponential moving average with a **decay** (weight on history): ``d*old + (1-d)*new``."""
+    return decay * old + (1 - decay) * new
+
+
+def affine_normalize(
+    xp: Namespace,
+    centered: Array,
+    axis: int,
+    shift_mean: Array | None,
+    rstd: Array,
+    gamma: Array | None,
+    beta: Array | None,
+) -> Array:
+    """``gamma * (x - mean) * rstd + beta`` from data already centered on some other mean.
+
+    ``centered = x - c`` for a per-channel ``c``; ``shift_mean = c - mean`` (``None`` when
+    ``c`` is the normalizing mean itself). Folding the shift into the per-channel offset keeps
+    every full-size operation on small, centered numbers (no cancellation for offset data)
+    and costs two passes over the data.
+    """
+    ndim = centered.ndim
+    scale = rstd if gamma is None else gamma * rstd
+    offset = None
+    if shift_mean is not None:
+        offset = shift_mean * scale
+    if beta is not None:
+        offset = beta if offset is None else offset + beta
+    y = centered * as_channel(xp, scale, ndim, axis)
+    if offset is not None:
+        y = y + as_channel(xp, offset, ndim, axis)
+    return y
+
+
+def normalize_backward(
+    xp: Namespace,
+    dy: Array,
+    x: Array,
+    axis: int,
+    axes: tuple[int, ...],
+    mean: Array,
+    rstd: Array,
+    gamma: Array | None,
+    stats_weight: Any,
+    batch_mean: Array | None,
+    count: int,
+) -> tuple[Array, Array, Array]:
+    """Gradients of ``y = gamma * (x - mean) * rstd + beta`` for BN and MBN (Eq. 13, corrected).
+
+    ``mean``/``rstd`` normalized the batch; they depend on the batch's own statistics through
+    ``mean = lam*mu_prev + (1-lam)*mu_B`` and ``var = lam*var_prev + (1-lam)*var_B``, so
+    ``stats_weight`` is ``1 - lam`` in training (1 for BN) and 0 when the statistics are
+    constants (evaluation). With ``g = gamma*dy`` and ``xhat = (x - mean)*rstd``::
+
+        dx_i = rstd * (g_i - w/m * (sum(g) + (x_i - mu_B) * rstd * sum(g*xhat)))
+
+    Returns ``(dx, sum(dy*xhat), sum(dy))``: the last two are ``dgamma`` and ``dbeta``.
+    """
+    ndim = x.ndim
+    xhat = (x - as_channel(xp, mean, ndim, axis)) * as_channel(xp, rstd, ndim, axis)
+    sum_dy = xp.sum(dy, axis=axes)
+    sum_dy_xhat = xp.sum(dy * xhat, axis=axes)
+    scale = rstd if gamma is None else gamma * rstd
+    dx = dy * as_channel(xp, scale, ndim, axis)
+    if batch_mean is not None and count > 0:
+        dx = dx - stats_backward(xp, xhat, axis, mean, rstd, scale, stats_weight,
+                                 batch_mean, sum_dy, sum_dy_xhat, count)
+    return dx, sum_dy_xhat, sum_dy
+
+
+def stats_backward(
+    xp: Namespace,
+    xhat: Array,
+    axis: int,
+    mean: Array,
+    rstd: Array,
+    scale: Array,
+    stats_weight: Any,
+    batch_mean: Array,
+    sum_dy: Array,
+    sum_dy_xhat: Array,
+    count: int,
+) -> Array:
+    """The part of ``dx`` that flows through the batch statistics ``mu_B`` and ``var_B``.
+
+    ``(x_i - mu_B) * rstd = xhat_i + (mean - mu_B) * rstd``, so the term is
+    ``k1 * xhat_i + k0`` with per-channel ``k1 = w*scale*sum(dy*xhat)/m`` and
+    ``k0 = w*scale*(sum(dy) + (mean - mu_B)*rstd*sum(dy*xhat))/m``. ``count`` and the sums are
+    global ones in synchronized BN (:mod:`mbn_ref.distributed`).
+    """
+    ndim = xhat.ndim
+    coef = stats_weight * scale / count
+    k1 = coef * sum_dy_xhat
+    k0 = coef * (sum_dy + (mean - batch_mean) * rstd * sum_dy_xhat)
+    return xhat * as_channel(xp, k1, ndim, axis) + as_channel(xp, k0, ndim, axis)

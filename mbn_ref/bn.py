@@ -1,0 +1,177 @@
+"""Batch normalization with running statistics in every convention (SPEC §2).
+
+>>> import numpy as np
+>>> import mbn_ref as mr
+>>> x = np.arange(12.0).reshape(4, 3)
+>>> state = mr.init_bn_state(3)
+>>> y, state, ctx = mr.bn_forward(x, state, decay=0.9)
+>>> np.round(y[:, 0], 4).tolist()
+[-1.3416, -0.4472, 0.4472, 1.3416]
+>>> np.round(state.running_mean, 6).tolist()
+[0.45, 0.55, 0.65]
+>>> dx, dgamma, dbeta = mr.bn_backward(np.ones_like(x), ctx)
+>>> float(abs(dx).max()) < 1e-12
+True
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from . import _kernels
+from ._array import Array, as_channel, default_float_dtype, resolve_namespace
+from ._normalization import (
+    NormContext,
+    backward,
+    check_counter,
+    check_decay_arg,
+    check_eval_input,
+    cumulative_decay,
+    empty_forward,
+    finite_flag,
+    keep_if,
+    prepare,
+    require_two_values,
+    running_variance,
+)
+from .conventions import Estimator, validate_estimator
+
+__all__ = ["BNState", "bn_backward", "bn_forward", "init_bn_state"]
+
+
+class BNState(NamedTuple):
+    """BN running statistics, named as in PyTorch's ``BatchNorm*d`` buffers.
+
+    ``running_var`` holds whichever estimator the forward call was given (biased by default).
+    ``num_batches_tracked`` is a 0-d integer array counting training updates.
+    """
+
+    running_mean: Array
+    running_var: Array
+    num_batches_tracked: Array
+
+
+_STATE_FIELDS = BNState._fields
+
+
+def init_bn_state(
+    num_features: int, *, xp: Any = None, dtype: Any = None, device: Any = None
+) -> BNState:
+    """Fresh running statistics: mean 0, variance 1, no batches tracked.
+
+    ``xp`` is any Array API namespace or array library (default NumPy); ``dtype`` defaults
+    to the namespace's default real floating dtype.
+
+    >>> init_bn_state(2).running_var.tolist()
+    [1.0, 1.0]
+    """
+    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+        raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
+    ns = resolve_namespace(xp)
+    dtype = default_float_dtype(ns, device) if dtype is None else dtype
+    if not ns.isdtype(dtype, "real floating"):
+        raise TypeError(f"state dtype must be real floating, got {dtype}")
+    return BNState(
+        ns.zeros((num_features,), dtype=dtype, device=device),
+        ns.ones((num_features,), dtype=dtype, device=device),
+        ns.zeros((), dtype=ns.int64, device=device),
+    )
+
+
+def bn_forward(
+    x: Array,
+    state: BNState | None,
+    gamma: Array | None = None,
+    beta: Array | None = None,
+    *,
+    decay: Any = 0.9,
+    eps: float = 1e-5,
+    axis: int = 1,
+    training: bool = True,
+    estimator: Estimator = "biased",
+    nonfinite: str = "propagate",
+) -> tuple[Array, BNState | None, NormContext]:
+    """Batch normalization: ``y = gamma * (x - mu) / sqrt(var + eps) + beta``.
+
+    Parameters
+    ----------
+    x
+        Input with at least 2 dims; statistics are per channel along ``axis`` (1 for
+        ``(N, C, ...)``, -1 for channels-last), reduced over every other axis.
+    state
+        Running statistics (:func:`init_bn_state`), or ``None`` for no tracking: batch
+        statistics then normalize in evaluation too (PyTorch ``track_running_stats=False``).
+    gamma, beta
+        Optional per-channel affine parameters.
+    decay
+        Weight on history in ``running <- decay*running + (1-decay)*batch`` (PyTorch's
+        ``momentum`` is ``1 - decay``: see :mod:`mbn_ref.conventions`). A Python number in
+        ``[0, 1]``, a 0-d array (runtime state, not validated here), or ``None`` for the
+        cumulative average (PyTorch ``momentum=None``).
+    eps
+        Added to the variance inside the square root.
+    training
+        Normalize with the batch's statistics and update ``state``; else use ``state``.
+    estimator
+        ``"biased"`` (1/m) or ``"unbiased"`` (1/(m-1), PyTorch) batch variance in
+        ``running_var``. Normalization always uses the biased variance.
+    nonfinite
+        ``"propagate"`` (IEEE), ``"skip_update"`` (state untouched by a batch holding NaN/Inf,
+        without a host sync) or ``"raise"`` (:class:`mbn_ref.errors.NonFiniteError`).
+
+    Returns
+    -------
+    y, state, ctx
+        The output in ``x``'s dtype, the new state (the same object when nothing changed) and
+        the context for :func:`bn_backward`.
+    """
+    b = prepare(x, gamma, beta, axis=axis, eps=eps, nonfinite=nonfinite,
+                state=() if state is None else state[:2],
+                state_names=() if state is None else _STATE_FIELDS[:2])
+    check_decay_arg(decay, "decay", allow_none=True)
+    validate_estimator(estimator)
+    xp = b.xp
+    if state is not None:
+        check_counter(xp, state.num_batches_tracked)
+    if b.count == 0:
+        y, ctx = empty_forward(b)
+        return y, state, ctx
+    if not training and state is not None:
+        check_eval_input(b, nonfinite)  # type: ignore[arg-type]
+        mean = xp.astype(state.running_mean, b.x.dtype)
+        rstd = _kernels.inverse_std(xp, xp.astype(state.running_var, b.x.dtype), eps)
+        centered = b.x - as_channel(xp, mean, b.x.ndim, b.axis)
+        y = _kernels.affine_normalize(xp, centered, b.axis, None, rstd, b.gamma, b.beta)
+        return xp.astype(y, b.dtype), state, b.context(mean, rstd, 0, None)
+
+    require_two_values(b, tuple(x.shape), "batch statistics alone normalize in BN")
+    mean, var, centered = _kernels.batch_moments(xp, b.x, b.axis, b.axes)
+    ok = finite_flag(b, var, nonfinite)  # type: ignore[arg-type]
+    rstd = _kernels.inverse_std(xp, var, eps)
+    y = _kernels.affine_normalize(xp, centered, b.axis, None, rstd, b.gamma, b.beta)
+    ctx = b.context(mean, rstd, 1, mean)
+    if training and state is not None:
+        state = _update(xp, state, mean, running_variance(var, b.count, estimator), decay, ok)
+    return xp.astype(y, b.dtype), state, ctx
+
+
+def _update(
+    xp: Any, state: BNState, mean: Array, var: Array, decay: Any, ok: Array | None
+) -> BNState:
+    n = state.num_batches_tracked
+    d = cumulative_decay(xp, n, mean.dtype) if decay is None else decay
+    inc = 1 if ok is None else xp.astype(ok, n.dtype)
+    return BNState(
+        keep_if(xp, ok, _kernels.ema(state.running_mean, mean, d), state.running_mean),
+        keep_if(xp, ok, _kernels.ema(state.running_var, var, d), state.running_var),
+        n + inc,
+    )
+
+
+def bn_backward(dy: Array, ctx: NormContext) -> tuple[Array, Array | None, Array | None]:
+    """Gradients ``(dx, dgamma, dbeta)`` of :func:`bn_forward` (``None`` for absent params).
+
+    In training ``dx_i = gamma*rstd/m * (m*dy_i - sum(dy) - xhat_i*sum(dy*xhat))``; in
+    evaluation the statistics are constants and ``dx = gamma*rstd*dy``.
+    """
+    return backward(dy, ctx)

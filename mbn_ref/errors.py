@@ -1,0 +1,7 @@
+"""Exceptions the core raises beyond the built-in ``ValueError``/``TypeError``."""
+
+from __future__ import annotations
+
+
+class NonFiniteError(ValueError, FloatingPointError):
+    """A batch held NaN or Inf and the ``nonfinite`` policy is ``"raise"`` (SPEC §9)."""

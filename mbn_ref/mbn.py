@@ -1,0 +1,168 @@
+"""Momentum batch normalization, the paper's Algorithm 1 (SPEC §3).
+
+Training normalizes with moving statistics that the current batch has just updated with
+decay ``lam`` (Eq. 8); inference uses a second pair of statistics kept with decay ``tau``.
+``lam = 0`` is exactly BN.
+
+>>> import numpy as np
+>>> import mbn_ref as mr
+>>> rng = np.random.default_rng(0)
+>>> state = mr.init_state(3)
+>>> for _ in range(3):
+...     x = rng.normal(size=(2, 3))
+...     y, state, ctx = mr.mbn_forward(x, state, lam=0.5, tau=0.99)
+>>> int(state.num_batches_tracked)
+3
+>>> dx, dgamma, dbeta = mr.mbn_backward(np.ones_like(x), ctx)
+>>> dx.shape
+(2, 3)
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from . import _kernels
+from ._array import Array, as_channel, is_python_scalar
+from ._normalization import (
+    NormContext,
+    backward,
+    check_counter,
+    check_decay_arg,
+    check_eval_input,
+    cumulative_decay,
+    empty_forward,
+    finite_flag,
+    keep_if,
+    prepare,
+    require_two_values,
+    running_variance,
+)
+from .bn import init_bn_state
+from .conventions import Estimator, validate_estimator
+
+__all__ = ["MBNState", "init_state", "mbn_backward", "mbn_forward"]
+
+
+class MBNState(NamedTuple):
+    """MBN state per channel.
+
+    ``moving_mean``/``moving_var`` are the training moving statistics (Eq. 8, decay
+    ``lam``, biased variance); ``running_mean``/``running_var`` the inference statistics
+    (decay ``tau``, the chosen estimator), named like BN's so that a BN checkpoint maps onto
+    them; ``num_batches_tracked`` a 0-d integer count of training steps.
+    """
+
+    moving_mean: Array
+    moving_var: Array
+    running_mean: Array
+    running_var: Array
+    num_batches_tracked: Array
+
+
+def init_state(
+    num_features: int, *, xp: Any = None, dtype: Any = None, device: Any = None
+) -> MBNState:
+    """Fresh MBN state: means 0, variances 1 (like BN's running statistics), step 0.
+
+    >>> init_state(2).moving_var.tolist()
+    [1.0, 1.0]
+    """
+    bn = init_bn_state(num_features, xp=xp, dtype=dtype, device=device)
+    return MBNState(
+        bn.running_mean, bn.running_var, bn.running_mean + 0, bn.running_var + 0,
+        bn.num_batches_tracked,
+    )
+
+
+def mbn_forward(
+    x: Array,
+    state: MBNState,
+    gamma: Array | None = None,
+    beta: Array | None = None,
+    *,
+    lam: Any = 0.0,
+    tau: Any = 0.9,
+    eps: float = 1e-5,
+    axis: int = 1,
+    training: bool = True,
+    estimator: Estimator = "biased",
+    nonfinite: str = "propagate",
+) -> tuple[Array, MBNState, NormContext]:
+    """Momentum batch normalization (Algorithm 1).
+
+    Training step::
+
+        mu  <- lam*mu  + (1-lam)*mu_B          var <- lam*var + (1-lam)*var_B
+        y    = gamma * (x - mu) / sqrt(var + eps) + beta
+        mu_inf <- tau*mu_inf + (1-tau)*mu_B    var_inf <- tau*var_inf + (1-tau)*var_B'
+
+    where ``var_B'`` is the batch variance under ``estimator``. Evaluation normalizes with
+    ``(mu_inf, var_inf)``.
+
+    Parameters
+    ----------
+    lam, tau
+        Decays (weights on history) of the training and the inference statistics: Python
+        numbers in ``[0, 1]`` or 0-d arrays (runtime state, e.g. from a schedule). ``tau=None``
+        keeps the exact cumulative average. The defaults make MBN exactly BN with PyTorch's
+        default momentum.
+    x, gamma, beta, eps, axis, training, estimator, nonfinite
+        As in :func:`mbn_ref.bn_forward`. A training batch with one value per channel is
+        accepted when ``lam > 0`` (history normalizes it) and rejected when ``lam = 0``.
+    """
+    b = prepare(x, gamma, beta, axis=axis, eps=eps, nonfinite=nonfinite,
+                state=tuple(state)[:4], state_names=MBNState._fields[:4])
+    check_decay_arg(lam, "lam")
+    check_decay_arg(tau, "tau", allow_none=True)
+    validate_estimator(estimator)
+    xp = b.xp
+    check_counter(xp, state.num_batches_tracked)
+    if b.count == 0:
+        y, ctx = empty_forward(b)
+        return y, state, ctx
+    if not training:
+        check_eval_input(b, nonfinite)  # type: ignore[arg-type]
+        mean = xp.astype(state.running_mean, b.x.dtype)
+        rstd = _kernels.inverse_std(xp, xp.astype(state.running_var, b.x.dtype), eps)
+        centered = b.x - as_channel(xp, mean, b.x.ndim, b.axis)
+        y = _kernels.affine_normalize(xp, centered, b.axis, None, rstd, b.gamma, b.beta)
+        return xp.astype(y, b.dtype), state, b.context(mean, rstd, 0, None)
+
+    if b.count == 1 and float(lam) == 0.0:
+        require_two_values(b, tuple(x.shape), "lam = 0 makes the batch alone normalize")
+    batch_mean, batch_var, centered = _kernels.batch_moments(xp, b.x, b.axis, b.axes)
+    ok = finite_flag(b, batch_var, nonfinite)  # type: ignore[arg-type]
+    moving_mean = _kernels.ema(state.moving_mean, batch_mean, lam)
+    moving_var = _kernels.ema(state.moving_var, batch_var, lam)
+    mean = xp.astype(moving_mean, b.x.dtype)
+    rstd = _kernels.inverse_std(xp, xp.astype(moving_var, b.x.dtype), eps)
+    y = _kernels.affine_normalize(
+        xp, centered, b.axis, batch_mean - mean, rstd, b.gamma, b.beta
+    )
+    n = state.num_batches_tracked
+    d = cumulative_decay(xp, n, batch_mean.dtype) if tau is None else tau
+    inf_var = running_variance(batch_var, b.count, estimator)
+    new_state = MBNState(
+        keep_if(xp, ok, moving_mean, state.moving_mean),
+        keep_if(xp, ok, moving_var, state.moving_var),
+        keep_if(xp, ok, _kernels.ema(state.running_mean, batch_mean, d), state.running_mean),
+        keep_if(xp, ok, _kernels.ema(state.running_var, inf_var, d), state.running_var),
+        n + (1 if ok is None else xp.astype(ok, n.dtype)),
+    )
+    weight = 1.0 - lam if is_python_scalar(lam) else 1 - xp.astype(lam, b.x.dtype)
+    return xp.astype(y, b.dtype), new_state, b.context(mean, rstd, weight, batch_mean)
+
+
+def mbn_backward(dy: Array, ctx: NormContext) -> tuple[Array, Array | None, Array | None]:
+    """Gradients ``(dx, dgamma, dbeta)`` of :func:`mbn_forward` (Eq. 13, corrected).
+
+    The previous moving statistics are constants; the current batch's ``mu_B`` and
+    ``var_B`` carry gradient scaled by ``1 - lam``. With ``g = gamma*dy``,
+    ``xhat = (x - mu)*rstd``::
+
+        dx_i = rstd * (g_i - (1-lam)/m * (sum(g) + (x_i - mu_B)*rstd*sum(g*xhat)))
+
+    The printed Eq. 13 has ``(xhat_i - mu_M)`` where ``(x_i - mu_M)`` belongs (erratum 1).
+    """
+    return backward(dy, ctx)

@@ -1,0 +1,1 @@
+"""Momentum schedules (SPEC §4): placeholder, filled in by the schedules work."""
