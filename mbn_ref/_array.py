@@ -8,6 +8,7 @@ results come back in the input dtype, arrays are created on the input's device).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import array_api_compat
@@ -18,6 +19,11 @@ Array = Any
 
 Namespace = Any
 """An Array API namespace, as returned by :func:`array_api_compat.array_namespace`."""
+
+AllSum = Callable[[Any], Any]
+"""A collective: sums an array across all shards (devices) and returns the total to each
+(``torch.distributed.all_reduce``, a ``tf.distribute`` replica context, or
+:func:`mbn_ref.distributed.simulate`'s threads)."""
 
 
 def namespace(*arrays: Any) -> Namespace:

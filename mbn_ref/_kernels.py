@@ -13,21 +13,38 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._array import Array, Namespace, as_channel
+from ._array import AllSum, Array, Namespace, as_channel, device_of
 
 
 def batch_moments(
-    xp: Namespace, x: Array, axis: int, axes: tuple[int, ...]
-) -> tuple[Array, Array, Array]:
-    """Per-channel mean, biased variance, and the centered data ``x - mean``.
+    xp: Namespace,
+    x: Array,
+    axis: int,
+    axes: tuple[int, ...],
+    m: int,
+    all_sum: AllSum | None = None,
+) -> tuple[int, Array, Array, Array]:
+    """Per-channel count, mean, biased variance, and the centered data ``x - mean``.
 
     Two-pass (mean first, then the mean of squared deviations), which stays accurate for
-    offset data where ``E[x^2] - E[x]^2`` loses every digit (SPEC §7).
+    offset data where ``E[x^2] - E[x]^2`` loses every digit (SPEC §7). With ``all_sum`` (a
+    sum across shards, SPEC §5) both passes are global: the shards first sum their counts
+    and sums, then their squared deviations from the global mean, so empty shards contribute
+    exact zeros and the result is the single-device two-pass up to summation order. The
+    count is then the global ``n``, read on the host (one sync per step, like PyTorch's
+    ``SyncBatchNorm``); with ``n = 0`` the mean and variance are zeros.
     """
-    mean = xp.mean(x, axis=axes)
+    if all_sum is None:
+        mean = xp.mean(x, axis=axes)
+        centered = x - as_channel(xp, mean, x.ndim, axis)
+        return m, mean, xp.mean(centered * centered, axis=axes), centered
+    local_m = xp.asarray([m], dtype=x.dtype, device=device_of(x))
+    totals = all_sum(xp.concat([xp.sum(x, axis=axes), local_m]))
+    n = round(float(totals[-1]))
+    mean = totals[:-1] / max(n, 1)
     centered = x - as_channel(xp, mean, x.ndim, axis)
-    var = xp.mean(centered * centered, axis=axes)
-    return mean, var, centered
+    var = all_sum(xp.sum(centered * centered, axis=axes)) / max(n, 1)
+    return n, mean, var, centered
 
 
 def inverse_std(xp: Namespace, var: Array, eps: float) -> Array:
@@ -81,6 +98,7 @@ def normalize_backward(
     stats_weight: Any,
     batch_mean: Array | None,
     count: int,
+    all_sum: AllSum | None = None,
 ) -> tuple[Array, Array, Array]:
     """Gradients of ``y = gamma * (x - mean) * rstd + beta`` for BN and MBN (Eq. 13, corrected).
 
@@ -92,6 +110,9 @@ def normalize_backward(
         dx_i = rstd * (g_i - w/m * (sum(g) + (x_i - mu_B) * rstd * sum(g*xhat)))
 
     Returns ``(dx, sum(dy*xhat), sum(dy))``: the last two are ``dgamma`` and ``dbeta``.
+    With ``all_sum`` (synchronized statistics) ``dx`` uses the sums over all shards and the
+    global count, while the returned ``dgamma``/``dbeta`` stay this shard's: the
+    data-parallel engine reduces them like any parameter gradient.
     """
     ndim = x.ndim
     xhat = (x - as_channel(xp, mean, ndim, axis)) * as_channel(xp, rstd, ndim, axis)
@@ -99,9 +120,15 @@ def normalize_backward(
     sum_dy_xhat = xp.sum(dy * xhat, axis=axes)
     scale = rstd if gamma is None else gamma * rstd
     dx = dy * as_channel(xp, scale, ndim, axis)
-    if batch_mean is not None and count > 0:
-        dx = dx - stats_backward(xp, xhat, axis, mean, rstd, scale, stats_weight,
-                                 batch_mean, sum_dy, sum_dy_xhat, count)
+    if batch_mean is not None:
+        g_sum, g_xhat_sum = sum_dy, sum_dy_xhat
+        if all_sum is not None:
+            c = sum_dy.shape[0]
+            totals = all_sum(xp.concat([sum_dy, sum_dy_xhat]))
+            g_sum, g_xhat_sum = totals[:c], totals[c:]
+        dx = dx - stats_backward(
+            xp, xhat, axis, mean, rstd, scale, stats_weight, batch_mean, g_sum, g_xhat_sum, count
+        )
     return dx, sum_dy_xhat, sum_dy
 
 

@@ -9,8 +9,10 @@ from typing import Any, Literal, NamedTuple
 
 from . import _kernels
 from ._array import (
+    AllSum,
     Array,
     Namespace,
+    as_channel,
     check_float_input,
     compute_dtype,
     device_of,
@@ -43,7 +45,8 @@ class NormContext(NamedTuple):
     beta_dtype: Any
     stats_weight: Any
     batch_mean: Array | None
-    count: int
+    m: int
+    all_sum: AllSum | None = None
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,7 @@ class Batch:
     dtype: Any  # the caller's dtype, which outputs come back in
     axis: int
     axes: tuple[int, ...]
-    count: int
+    m: int
     channels: int
     gamma: Array | None
     beta: Array | None
@@ -63,11 +66,26 @@ class Batch:
     beta_dtype: Any
 
     def context(
-        self, mean: Array, rstd: Array, stats_weight: Any, batch_mean: Array | None
+        self,
+        mean: Array,
+        rstd: Array,
+        stats_weight: Any,
+        batch_mean: Array | None,
+        m: int | None = None,
+        all_sum: AllSum | None = None,
     ) -> NormContext:
         return NormContext(
-            self.x, self.axis, mean, rstd, self.gamma, self.gamma_dtype, self.beta_dtype,
-            stats_weight, batch_mean, self.count,
+            self.x,
+            self.axis,
+            mean,
+            rstd,
+            self.gamma,
+            self.gamma_dtype,
+            self.beta_dtype,
+            stats_weight,
+            batch_mean,
+            self.m if m is None else m,
+            all_sum,
         )
 
 
@@ -123,7 +141,7 @@ def prepare(
         dtype=x.dtype,
         axis=ax,
         axes=reduce_axes(x.ndim, ax),
-        count=reduced_count(shape, ax),
+        m=reduced_count(shape, ax),
         channels=channels,
         gamma=None if gamma is None else xp.astype(gamma, cdt, copy=False),
         beta=None if beta is None else xp.astype(beta, cdt, copy=False),
@@ -168,11 +186,6 @@ def finite_flag(b: Batch, var: Array, nonfinite: NonfinitePolicy) -> Array | Non
     return xp.all(finite)
 
 
-def check_eval_input(b: Batch, nonfinite: NonfinitePolicy) -> None:
-    if nonfinite == "raise" and not bool(b.xp.all(b.xp.isfinite(b.x))):
-        raise NonFiniteError("the input holds NaN or Inf (nonfinite='raise')")
-
-
 def keep_if(xp: Namespace, ok: Array | None, new: Array, old: Array) -> Array:
     """``new`` where the batch was finite (``skip_update``), cast to ``old``'s dtype."""
     new = xp.astype(new, old.dtype, copy=False)
@@ -197,12 +210,54 @@ def running_variance(var: Array, count: int, estimator: str) -> Array:
     return var
 
 
-def require_two_values(b: Batch, shape: tuple[int, ...], why: str) -> None:
-    if b.count == 1:
+def require_two_values(b: Batch, m: int, shape: tuple[int, ...], why: str) -> None:
+    """``ValueError`` for a training batch of one value per channel (SPEC §3); ``m`` is the
+    global count under synchronized statistics."""
+    if m == 1:
+        where = "in total over all shards" if m != b.m else "on axis " + str(b.axis)
         raise ValueError(
             f"expected more than 1 value per channel when training, got input of shape "
-            f"{shape} (1 value per channel on axis {b.axis}): {why}"
+            f"{shape} (1 value per channel {where}): {why}"
         )
+
+
+def eval_forward(
+    b: Batch, mean: Array, var: Array, eps: float, nonfinite: str
+) -> tuple[Array, NormContext]:
+    """Normalize with stored statistics (constants for the backward pass)."""
+    if nonfinite == "raise" and not bool(b.xp.all(b.xp.isfinite(b.x))):
+        raise NonFiniteError("the input holds NaN or Inf (nonfinite='raise')")
+    xp = b.xp
+    mean = xp.astype(mean, b.x.dtype)
+    rstd = _kernels.inverse_std(xp, xp.astype(var, b.x.dtype), eps)
+    centered = b.x - as_channel(xp, mean, b.x.ndim, b.axis)
+    y = _kernels.affine_normalize(xp, centered, b.axis, None, rstd, b.gamma, b.beta)
+    return xp.astype(y, b.dtype), b.context(mean, rstd, 0, None)
+
+
+def train_statistics(
+    b: Batch, all_sum: AllSum | None, *, lam: Any, why: str, shape: tuple[int, ...]
+) -> tuple[int, Array, Array, Array] | None:
+    """The batch's ``(m, mean, var, x - mean)``, global under ``all_sum``; ``None`` when the
+    batch (every shard's, under ``all_sum``) is empty.
+
+    One value per channel is rejected unless ``lam > 0`` (MBN normalizing with history;
+    ``lam=None`` for BN). ``lam`` is read on the host only in that rare case.
+    """
+
+    def check(m: int) -> None:
+        if m == 1 and (lam is None or float(lam) == 0.0):
+            require_two_values(b, m, shape, why)
+
+    if all_sum is None:
+        if b.m == 0:
+            return None
+        check(b.m)
+    m, mean, var, centered = _kernels.batch_moments(b.xp, b.x, b.axis, b.axes, b.m, all_sum)
+    if m == 0:
+        return None
+    check(m)
+    return m, mean, var, centered
 
 
 def empty_forward(b: Batch) -> tuple[Array, NormContext]:
@@ -224,8 +279,18 @@ def backward(dy: Array, ctx: NormContext) -> tuple[Array, Array | None, Array | 
     dyc = xp.astype(dy, ctx.x.dtype, copy=False)
     axes = reduce_axes(dyc.ndim, ctx.axis)
     dx, dgamma, dbeta = _kernels.normalize_backward(
-        xp, dyc, ctx.x, ctx.axis, axes, ctx.mean, ctx.rstd, ctx.gamma,
-        ctx.stats_weight, ctx.batch_mean, ctx.count,
+        xp,
+        dyc,
+        ctx.x,
+        ctx.axis,
+        axes,
+        ctx.mean,
+        ctx.rstd,
+        ctx.gamma,
+        ctx.stats_weight,
+        ctx.batch_mean,
+        ctx.m,
+        ctx.all_sum,
     )
     return (
         xp.astype(dx, out_dtype),

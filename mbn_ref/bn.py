@@ -19,20 +19,20 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from . import _kernels
-from ._array import Array, as_channel, default_float_dtype, resolve_namespace
+from ._array import AllSum, Array, default_float_dtype, resolve_namespace
 from ._normalization import (
     NormContext,
     backward,
     check_counter,
     check_decay_arg,
-    check_eval_input,
     cumulative_decay,
     empty_forward,
+    eval_forward,
     finite_flag,
     keep_if,
     prepare,
-    require_two_values,
     running_variance,
+    train_statistics,
 )
 from .conventions import Estimator, validate_estimator
 
@@ -90,6 +90,7 @@ def bn_forward(
     training: bool = True,
     estimator: Estimator = "biased",
     nonfinite: str = "propagate",
+    all_sum: AllSum | None = None,
 ) -> tuple[Array, BNState | None, NormContext]:
     """Batch normalization: ``y = gamma * (x - mu) / sqrt(var + eps) + beta``.
 
@@ -118,6 +119,11 @@ def bn_forward(
     nonfinite
         ``"propagate"`` (IEEE), ``"skip_update"`` (state untouched by a batch holding NaN/Inf,
         without a host sync) or ``"raise"`` (:class:`mbn_ref.errors.NonFiniteError`).
+    all_sum
+        Synchronized BN (SPEC §5): a collective that sums an array over all shards. Every
+        shard calls this function with its own part of the batch (empty parts included) and
+        normalizes with the global statistics; each shard's state receives the same update.
+        See :mod:`mbn_ref.distributed`.
 
     Returns
     -------
@@ -125,33 +131,37 @@ def bn_forward(
         The output in ``x``'s dtype, the new state (the same object when nothing changed) and
         the context for :func:`bn_backward`.
     """
-    b = prepare(x, gamma, beta, axis=axis, eps=eps, nonfinite=nonfinite,
-                state=() if state is None else state[:2],
-                state_names=() if state is None else _STATE_FIELDS[:2])
+    b = prepare(
+        x,
+        gamma,
+        beta,
+        axis=axis,
+        eps=eps,
+        nonfinite=nonfinite,
+        state=() if state is None else state[:2],
+        state_names=() if state is None else _STATE_FIELDS[:2],
+    )
     check_decay_arg(decay, "decay", allow_none=True)
     validate_estimator(estimator)
     xp = b.xp
     if state is not None:
         check_counter(xp, state.num_batches_tracked)
-    if b.count == 0:
+    if not training and state is not None:
+        y, ctx = eval_forward(b, state.running_mean, state.running_var, eps, nonfinite)
+        return y, state, ctx
+    stats = train_statistics(
+        b, all_sum, lam=None, shape=tuple(x.shape), why="batch statistics alone normalize in BN"
+    )
+    if stats is None:
         y, ctx = empty_forward(b)
         return y, state, ctx
-    if not training and state is not None:
-        check_eval_input(b, nonfinite)  # type: ignore[arg-type]
-        mean = xp.astype(state.running_mean, b.x.dtype)
-        rstd = _kernels.inverse_std(xp, xp.astype(state.running_var, b.x.dtype), eps)
-        centered = b.x - as_channel(xp, mean, b.x.ndim, b.axis)
-        y = _kernels.affine_normalize(xp, centered, b.axis, None, rstd, b.gamma, b.beta)
-        return xp.astype(y, b.dtype), state, b.context(mean, rstd, 0, None)
-
-    require_two_values(b, tuple(x.shape), "batch statistics alone normalize in BN")
-    mean, var, centered = _kernels.batch_moments(xp, b.x, b.axis, b.axes)
+    m, mean, var, centered = stats
     ok = finite_flag(b, var, nonfinite)  # type: ignore[arg-type]
     rstd = _kernels.inverse_std(xp, var, eps)
     y = _kernels.affine_normalize(xp, centered, b.axis, None, rstd, b.gamma, b.beta)
-    ctx = b.context(mean, rstd, 1, mean)
+    ctx = b.context(mean, rstd, 1, mean, m, all_sum)
     if training and state is not None:
-        state = _update(xp, state, mean, running_variance(var, b.count, estimator), decay, ok)
+        state = _update(xp, state, mean, running_variance(var, m, estimator), decay, ok)
     return xp.astype(y, b.dtype), state, ctx
 
 

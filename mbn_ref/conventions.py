@@ -164,24 +164,14 @@ class FrameworkConvention:
 FRAMEWORKS: dict[str, FrameworkConvention] = {
     c.name: c
     for c in (
-        FrameworkConvention(
-            "mbn_ref", "decay", 0.9, "biased", 1e-5, "inside sqrt", "decay=None"
-        ),
-        FrameworkConvention(
-            "paper", "decay", None, "biased", 1e-5, "inside sqrt", "none"
-        ),
+        FrameworkConvention("mbn_ref", "decay", 0.9, "biased", 1e-5, "inside sqrt", "decay=None"),
+        FrameworkConvention("paper", "decay", None, "biased", 1e-5, "inside sqrt", "none"),
         FrameworkConvention(
             "torch", "update_rate", 0.1, "unbiased", 1e-5, "inside sqrt", "momentum=None"
         ),
-        FrameworkConvention(
-            "keras", "decay", 0.99, "biased", 1e-3, "inside sqrt", "none"
-        ),
-        FrameworkConvention(
-            "flax", "decay", 0.99, "biased", 1e-5, "inside sqrt", "none"
-        ),
-        FrameworkConvention(
-            "onnx", "decay", 0.9, "biased", 1e-5, "inside sqrt", "none"
-        ),
+        FrameworkConvention("keras", "decay", 0.99, "biased", 1e-3, "inside sqrt", "none"),
+        FrameworkConvention("flax", "decay", 0.99, "biased", 1e-5, "inside sqrt", "none"),
+        FrameworkConvention("onnx", "decay", 0.9, "biased", 1e-5, "inside sqrt", "none"),
     )
 }
 """Each framework's BN conventions (the docs' conventions table is generated from this)."""

@@ -23,20 +23,20 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from . import _kernels
-from ._array import Array, as_channel, is_python_scalar
+from ._array import AllSum, Array, is_python_scalar
 from ._normalization import (
     NormContext,
     backward,
     check_counter,
     check_decay_arg,
-    check_eval_input,
     cumulative_decay,
     empty_forward,
+    eval_forward,
     finite_flag,
     keep_if,
     prepare,
-    require_two_values,
     running_variance,
+    train_statistics,
 )
 from .bn import init_bn_state
 from .conventions import Estimator, validate_estimator
@@ -70,7 +70,10 @@ def init_state(
     """
     bn = init_bn_state(num_features, xp=xp, dtype=dtype, device=device)
     return MBNState(
-        bn.running_mean, bn.running_var, bn.running_mean + 0, bn.running_var + 0,
+        bn.running_mean,
+        bn.running_var,
+        bn.running_mean + 0,
+        bn.running_var + 0,
         bn.num_batches_tracked,
     )
 
@@ -88,6 +91,7 @@ def mbn_forward(
     training: bool = True,
     estimator: Estimator = "biased",
     nonfinite: str = "propagate",
+    all_sum: AllSum | None = None,
 ) -> tuple[Array, MBNState, NormContext]:
     """Momentum batch normalization (Algorithm 1).
 
@@ -107,42 +111,49 @@ def mbn_forward(
         numbers in ``[0, 1]`` or 0-d arrays (runtime state, e.g. from a schedule). ``tau=None``
         keeps the exact cumulative average. The defaults make MBN exactly BN with PyTorch's
         default momentum.
-    x, gamma, beta, eps, axis, training, estimator, nonfinite
-        As in :func:`mbn_ref.bn_forward`. A training batch with one value per channel is
+    x, gamma, beta, eps, axis, training, estimator, nonfinite, all_sum
+        As in :func:`mbn_ref.bn_forward` (``all_sum`` gives synchronized MBN: global batch
+        statistics feed both moving averages). A training batch with one value per channel is
         accepted when ``lam > 0`` (history normalizes it) and rejected when ``lam = 0``.
     """
-    b = prepare(x, gamma, beta, axis=axis, eps=eps, nonfinite=nonfinite,
-                state=tuple(state)[:4], state_names=MBNState._fields[:4])
+    b = prepare(
+        x,
+        gamma,
+        beta,
+        axis=axis,
+        eps=eps,
+        nonfinite=nonfinite,
+        state=tuple(state)[:4],
+        state_names=MBNState._fields[:4],
+    )
     check_decay_arg(lam, "lam")
     check_decay_arg(tau, "tau", allow_none=True)
     validate_estimator(estimator)
     xp = b.xp
     check_counter(xp, state.num_batches_tracked)
-    if b.count == 0:
+    if not training:
+        y, ctx = eval_forward(b, state.running_mean, state.running_var, eps, nonfinite)
+        return y, state, ctx
+    stats = train_statistics(
+        b,
+        all_sum,
+        lam=lam,
+        shape=tuple(x.shape),
+        why="lam = 0 makes the batch alone normalize",
+    )
+    if stats is None:
         y, ctx = empty_forward(b)
         return y, state, ctx
-    if not training:
-        check_eval_input(b, nonfinite)  # type: ignore[arg-type]
-        mean = xp.astype(state.running_mean, b.x.dtype)
-        rstd = _kernels.inverse_std(xp, xp.astype(state.running_var, b.x.dtype), eps)
-        centered = b.x - as_channel(xp, mean, b.x.ndim, b.axis)
-        y = _kernels.affine_normalize(xp, centered, b.axis, None, rstd, b.gamma, b.beta)
-        return xp.astype(y, b.dtype), state, b.context(mean, rstd, 0, None)
-
-    if b.count == 1 and float(lam) == 0.0:
-        require_two_values(b, tuple(x.shape), "lam = 0 makes the batch alone normalize")
-    batch_mean, batch_var, centered = _kernels.batch_moments(xp, b.x, b.axis, b.axes)
+    m, batch_mean, batch_var, centered = stats
     ok = finite_flag(b, batch_var, nonfinite)  # type: ignore[arg-type]
     moving_mean = _kernels.ema(state.moving_mean, batch_mean, lam)
     moving_var = _kernels.ema(state.moving_var, batch_var, lam)
     mean = xp.astype(moving_mean, b.x.dtype)
     rstd = _kernels.inverse_std(xp, xp.astype(moving_var, b.x.dtype), eps)
-    y = _kernels.affine_normalize(
-        xp, centered, b.axis, batch_mean - mean, rstd, b.gamma, b.beta
-    )
+    y = _kernels.affine_normalize(xp, centered, b.axis, batch_mean - mean, rstd, b.gamma, b.beta)
     n = state.num_batches_tracked
     d = cumulative_decay(xp, n, batch_mean.dtype) if tau is None else tau
-    inf_var = running_variance(batch_var, b.count, estimator)
+    inf_var = running_variance(batch_var, m, estimator)
     new_state = MBNState(
         keep_if(xp, ok, moving_mean, state.moving_mean),
         keep_if(xp, ok, moving_var, state.moving_var),
@@ -151,7 +162,8 @@ def mbn_forward(
         n + (1 if ok is None else xp.astype(ok, n.dtype)),
     )
     weight = 1.0 - lam if is_python_scalar(lam) else 1 - xp.astype(lam, b.x.dtype)
-    return xp.astype(y, b.dtype), new_state, b.context(mean, rstd, weight, batch_mean)
+    ctx = b.context(mean, rstd, weight, batch_mean, m, all_sum)
+    return xp.astype(y, b.dtype), new_state, ctx
 
 
 def mbn_backward(dy: Array, ctx: NormContext) -> tuple[Array, Array | None, Array | None]:

@@ -1,0 +1,285 @@
+"""Multi-device aggregation: merged moments, synchronized BN/MBN, per-device MBN (SPEC §5).
+
+Synchronized statistics are not separate math: :func:`mbn_ref.bn_forward` and
+:func:`mbn_ref.mbn_forward` take ``all_sum``, a collective that sums an array across shards,
+and every shard calls them SPMD-style with its own part of the batch. The adapters pass
+``torch.distributed.all_reduce`` or a ``tf.distribute`` replica context's ``all_reduce``;
+:func:`simulate` runs the same code on threads in one process, which is how the tests prove
+that synchronized BN/MBN over any partition equals one device on the concatenated batch.
+
+>>> import numpy as np
+>>> import mbn_ref as mr
+>>> from mbn_ref import distributed as dist
+>>> rng = np.random.default_rng(0)
+>>> x = rng.normal(size=(7, 3))
+>>> shards = [x[:2], x[2:2], x[2:]]                       # unequal, one empty
+>>> ys, states, ctxs = dist.sync_bn_forward(shards, mr.init_bn_state(3))
+>>> y, _, _ = mr.bn_forward(x, mr.init_bn_state(3))
+>>> bool(np.allclose(np.concatenate(ys), y))
+True
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import array_api_compat
+
+from ._array import AllSum, Array, device_of, namespace, resolve_namespace
+from ._normalization import NormContext, backward
+from .bn import BNState, bn_forward
+from .mbn import MBNState, mbn_forward
+
+__all__ = [
+    "AllSum",
+    "merge_inference_statistics",
+    "merge_moments",
+    "simulate",
+    "sync_backward",
+    "sync_bn_forward",
+    "sync_mbn_forward",
+]
+
+T = TypeVar("T")
+
+
+def merge_moments(
+    counts: Sequence[int] | Array,
+    means: Sequence[Array] | Array,
+    variances: Sequence[Array] | Array,
+) -> tuple[Array, Array, Array]:
+    """Merge per-shard ``(n_k, mean_k, var_k)`` (biased variances) into global moments.
+
+    ``n = sum n_k``, ``mean = sum n_k mean_k / n``,
+    ``var = sum n_k (var_k + (mean_k - mean)^2) / n`` (Chan et al.'s pairwise merge, in its
+    count-weighted form; never ``E[x^2] - E[x]^2``). Shards with ``n_k = 0`` contribute nothing,
+    whatever their (possibly NaN) moments; merging only empty shards gives ``(0, 0, 0)``, the
+    identity of the merge. ``means``/``variances`` are ``(K, ...)`` arrays or sequences of K
+    equally shaped arrays; ``counts`` has K entries.
+
+    >>> import numpy as np
+    >>> n, mean, var = merge_moments([2, 0, 3], [[1.0], [np.nan], [2.0]], [[0.25], [np.nan], [1.0]])
+    >>> int(n), float(mean[0]), round(float(var[0]), 6)
+    (5, 1.6, 0.94)
+    """
+    xp = _namespace_of(means, variances)
+    m_arr = _stack(xp, means)
+    v_arr = _stack(xp, variances)
+    if m_arr.shape != v_arr.shape:
+        raise ValueError(
+            f"means and variances must have the same shape, got {tuple(m_arr.shape)} and "
+            f"{tuple(v_arr.shape)}"
+        )
+    dtype = m_arr.dtype
+    n_arr = xp.asarray(counts, dtype=dtype, device=device_of(m_arr))
+    if n_arr.ndim != 1 or n_arr.shape[0] != m_arr.shape[0]:
+        raise ValueError(
+            f"counts must hold one entry per shard ({m_arr.shape[0]}), got shape "
+            f"{tuple(n_arr.shape)}"
+        )
+    if bool(xp.any(n_arr < 0)):
+        raise ValueError("counts must be >= 0")
+    w = xp.reshape(n_arr, (-1,) + (1,) * (m_arr.ndim - 1))
+    present = w > 0
+    zero = xp.zeros_like(m_arr)
+    m_arr = xp.where(present, m_arr, zero)
+    v_arr = xp.where(present, v_arr, zero)
+    n = xp.sum(n_arr)
+    denom = xp.maximum(n, xp.ones_like(n))
+    mean = xp.sum(w * m_arr, axis=0) / denom
+    dev = xp.where(present, m_arr - mean, zero)
+    var = xp.sum(w * (v_arr + dev * dev), axis=0) / denom
+    return n, mean, var
+
+
+def _namespace_of(*parts: Any) -> Any:
+    """The namespace of the arrays among ``parts`` (one level of sequences unpacked); NumPy
+    for plain Python numbers."""
+    flat = [q for p in parts for q in (p if isinstance(p, (list, tuple)) else [p])]
+    arrays = [q for q in flat if array_api_compat.is_array_api_obj(q)]
+    return namespace(*arrays) if arrays else resolve_namespace(None)
+
+
+def _stack(xp: Any, a: Sequence[Array] | Array) -> Array:
+    if isinstance(a, (list, tuple)):
+        parts = [xp.asarray(p) for p in a]
+        if parts and len({tuple(p.shape) for p in parts}) > 1:
+            raise ValueError(
+                "shards have different channel counts: "
+                + ", ".join(str(tuple(p.shape)) for p in parts)
+            )
+        return xp.stack(parts)
+    return xp.asarray(a)
+
+
+class _ThreadAllSum:
+    """A sum across ``world_size`` threads that meet at a barrier (deterministic: every
+    thread adds the contributions in rank order, so all get bit-identical totals)."""
+
+    def __init__(self, world_size: int, timeout: float) -> None:
+        self.slots: list[Any] = [None] * world_size
+        self.barrier = threading.Barrier(world_size, timeout=timeout)
+
+    def for_rank(self, rank: int) -> AllSum:
+        def all_sum(x: Array) -> Array:
+            self.slots[rank] = x
+            self.barrier.wait()
+            total = self.slots[0]
+            for part in self.slots[1:]:
+                total = total + part
+            self.barrier.wait()
+            return total
+
+        return all_sum
+
+
+def simulate(world_size: int, fn: Callable[[int, AllSum], T], *, timeout: float = 60.0) -> list[T]:
+    """Run ``fn(rank, all_sum)`` for ``rank = 0..world_size-1`` on threads in lockstep.
+
+    ``all_sum`` is a real collective among the threads: this is the SPMD program an adapter
+    runs on real devices, in one process. An exception on any rank aborts the others and is
+    re-raised (the lowest rank's first).
+
+    >>> simulate(3, lambda rank, all_sum: all_sum(rank + 1))
+    [6, 6, 6]
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    coll = _ThreadAllSum(world_size, timeout)
+    results: list[Any] = [None] * world_size
+    errors: list[BaseException | None] = [None] * world_size
+
+    def run(rank: int) -> None:
+        try:
+            results[rank] = fn(rank, coll.for_rank(rank))
+        except BaseException as exc:
+            errors[rank] = exc
+            coll.barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(r,), daemon=True) for r in range(world_size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    primary = [
+        e for e in errors if e is not None and not isinstance(e, threading.BrokenBarrierError)
+    ]
+    if primary:
+        raise primary[0]
+    if any(e is not None for e in errors):
+        raise next(e for e in errors if e is not None)
+    return results
+
+
+def _check_shards(shards: Sequence[Array], axis: int) -> None:
+    """``ValueError`` unless all shards agree on rank and channel count (SPEC §9)."""
+    if not shards:
+        raise ValueError("need at least one shard")
+    try:
+        channels = {s.shape[axis] for s in shards}
+    except IndexError:
+        channels = set()
+    ranks = {s.ndim for s in shards}
+    if len(channels) != 1 or len(ranks) != 1:
+        raise ValueError(
+            f"shards must share rank and channel count on axis {axis}, got shapes "
+            + ", ".join(str(tuple(s.shape)) for s in shards)
+        )
+
+
+def sync_bn_forward(
+    shards: Sequence[Array],
+    state: BNState | None,
+    gamma: Array | None = None,
+    beta: Array | None = None,
+    **kwargs: Any,
+) -> tuple[list[Array], list[BNState | None], list[NormContext]]:
+    """Synchronized BN over simulated shards: ``bn_forward(..., all_sum=...)`` on each.
+
+    Every shard starts from ``state`` and gets the same update (from the global statistics);
+    the returned per-shard states are equal, which the tests check. ``kwargs`` are
+    :func:`mbn_ref.bn_forward`'s.
+    """
+    _check_shards(shards, kwargs.get("axis", 1))
+    out = simulate(
+        len(shards),
+        lambda r, all_sum: bn_forward(shards[r], state, gamma, beta, all_sum=all_sum, **kwargs),
+    )
+    return [o[0] for o in out], [o[1] for o in out], [o[2] for o in out]
+
+
+def sync_mbn_forward(
+    shards: Sequence[Array],
+    state: MBNState,
+    gamma: Array | None = None,
+    beta: Array | None = None,
+    **kwargs: Any,
+) -> tuple[list[Array], list[MBNState], list[NormContext]]:
+    """Synchronized MBN over simulated shards (global statistics feed both moving averages)."""
+    _check_shards(shards, kwargs.get("axis", 1))
+    out = simulate(
+        len(shards),
+        lambda r, all_sum: mbn_forward(shards[r], state, gamma, beta, all_sum=all_sum, **kwargs),
+    )
+    return [o[0] for o in out], [o[1] for o in out], [o[2] for o in out]
+
+
+def sync_backward(
+    dys: Sequence[Array], ctxs: Sequence[NormContext]
+) -> tuple[list[Array], Array | None, Array | None]:
+    """Backward of :func:`sync_bn_forward` / :func:`sync_mbn_forward` over simulated shards.
+
+    Each shard's ``dx`` uses the two C-vectors ``sum(dy)``, ``sum(dy*xhat)`` summed over all
+    shards (the collective lives in each context); ``dgamma``/``dbeta`` are each shard's sums,
+    added here as a data-parallel engine would reduce them.
+    """
+    if len(dys) != len(ctxs):
+        raise ValueError(f"got {len(dys)} gradients for {len(ctxs)} shards")
+    out = simulate(
+        len(ctxs),
+        lambda r, all_sum: backward(dys[r], ctxs[r]._replace(all_sum=all_sum)),
+    )
+    dgamma = _total([o[1] for o in out])
+    dbeta = _total([o[2] for o in out])
+    return [o[0] for o in out], dgamma, dbeta
+
+
+def _total(parts: list[Array | None]) -> Array | None:
+    if parts[0] is None:
+        return None
+    total = parts[0]
+    for p in parts[1:]:
+        total = total + p
+    return total
+
+
+def merge_inference_statistics(states: Sequence[MBNState], counts: Sequence[int]) -> MBNState:
+    """One consistent MBN state from per-device states (the paper's per-GPU setting).
+
+    Each device's inference statistics estimate the mean and variance of what that device
+    saw; they are merged count-weighted with :func:`merge_moments` (law of total variance), so
+    the result is what one device would hold had it seen all devices' data in the proportions
+    ``counts`` (e.g. per-device batch sizes). The training moving statistics are merged the
+    same way and the step counter is the maximum. Assign the result to every device before
+    evaluating.
+    """
+    if len(states) != len(counts) or not states:
+        raise ValueError(f"got {len(states)} states for {len(counts)} counts")
+    xp = namespace(states[0].running_mean)
+    _, moving_mean, moving_var = merge_moments(
+        counts, [s.moving_mean for s in states], [s.moving_var for s in states]
+    )
+    _, running_mean, running_var = merge_moments(
+        counts, [s.running_mean for s in states], [s.running_var for s in states]
+    )
+    first = states[0]
+    steps = xp.max(xp.stack([s.num_batches_tracked for s in states]))
+    return MBNState(
+        xp.astype(moving_mean, first.moving_mean.dtype),
+        xp.astype(moving_var, first.moving_var.dtype),
+        xp.astype(running_mean, first.running_mean.dtype),
+        xp.astype(running_var, first.running_var.dtype),
+        steps,
+    )
