@@ -11,7 +11,7 @@ from typing import Any
 
 __version__ = "0.1.0.dev0"
 
-_LAZY_SUBMODULES = ("conventions", "schedules", "noise", "distributed")
+_LAZY_SUBMODULES = ("conventions", "schedules", "noise", "noise_sim", "distributed")
 
 
 def __getattr__(name: str) -> Any:
@@ -38,5 +38,6 @@ __all__ = [
     "mbn_backward",
     "mbn_forward",
     "noise",
+    "noise_sim",
     "schedules",
 ]

@@ -74,7 +74,7 @@ def _f64(value: ArrayLike) -> NDArray[np.float64]:
 def _batch_size(m: ArrayLike, name: str = "m", minimum: float = 1.0) -> NDArray[np.float64]:
     m_arr = _f64(m)
     if np.any(np.isnan(m_arr)) or np.any(m_arr < minimum):
-        raise ValueError(f"batch size {name} must be >= {minimum:g} (and not NaN), got {m}")
+        raise ValueError(f"batch size {name} must be >= {minimum:g} (and not NaN), got {m!r}")
     return m_arr
 
 
@@ -82,7 +82,7 @@ def _decay(lam: ArrayLike) -> NDArray[np.float64]:
     lam_arr = _f64(lam)
     if np.any(np.isnan(lam_arr)) or np.any((lam_arr < 0) | (lam_arr > 1)):
         raise ValueError(
-            f"lam must be a decay (weight on history) in [0, 1], got {lam}; "
+            f"lam must be a decay (weight on history) in [0, 1], got {lam!r}; "
             "a PyTorch-style update rate u corresponds to lam = 1 - u"
         )
     return lam_arr
@@ -93,7 +93,7 @@ def _kurtosis(kurtosis: ArrayLike) -> NDArray[np.float64]:
     if np.any(np.isnan(k_arr)) or np.any(k_arr < 1):
         raise ValueError(
             "kurtosis must be the non-excess kurtosis E[(x-mu)^4]/sigma^4 >= 1 "
-            f"(3 for a Gaussian), got {kurtosis}"
+            f"(3 for a Gaussian), got {kurtosis!r}"
         )
     return k_arr
 
@@ -175,7 +175,7 @@ def mbn_xi_mu_mean(m: ArrayLike, lam: ArrayLike) -> FloatArray:
     >>> float(mbn_xi_mu_mean(4, 0.5))
     0.0
     """
-    m_arr, lam_arr = np.broadcast_arrays(_batch_size(m), _decay(lam))
+    m_arr, _ = np.broadcast_arrays(_batch_size(m), _decay(lam))
     return np.zeros_like(m_arr)
 
 
@@ -370,7 +370,7 @@ def xhat_var(m: ArrayLike, xtilde: ArrayLike) -> FloatArray:
     From ``E[xhat**2] = E[(xtilde + xi_mu)**2] E[1/xi_sigma] = (xtilde**2 + 1/m) m/(m-3)``.
     Exists for ``m > 3``; ``inf`` for ``2 < m <= 3``; ``nan`` for ``m <= 2`` (like
     ``scipy.stats.t.var``). Evaluated without cancellation for large ``m``, where it is
-    ``(1 + 1.5 xtilde**2)/m + O(1/m**2)``.
+    ``(1 + xtilde**2/2)/m + O(1/m**2)``.
 
     >>> round(float(xhat_var(4, 0.5)), 4)
     1.3634
@@ -434,7 +434,7 @@ def effective_batch_size(m: ArrayLike, lam: ArrayLike) -> FloatArray:
     """
     m_arr = _f64(m)
     if np.any(np.isnan(m_arr)) or np.any(m_arr <= 0):
-        raise ValueError(f"batch size m must be > 0, got {m}")
+        raise ValueError(f"batch size m must be > 0, got {m!r}")
     lam_arr = _decay(lam)
     with np.errstate(divide="ignore", invalid="ignore"):
         out = np.where(lam_arr < 1, m_arr * (1.0 + lam_arr) / (1.0 - lam_arr), np.inf)
@@ -464,7 +464,7 @@ def lam_for_effective_batch_size(m: ArrayLike, target: ArrayLike) -> FloatArray:
         or np.any(np.isinf(m_arr))
     ):
         raise ValueError(
-            f"batch sizes must be > 0 (m finite, target may be inf), got m={m}, target={target}"
+            f"batch sizes must be > 0 (m finite, target may be inf), got m={m!r}, target={target!r}"
         )
     with np.errstate(invalid="ignore"):
         lam = np.where(np.isinf(t_arr), 1.0, (t_arr - m_arr) / (t_arr + m_arr))
@@ -474,7 +474,9 @@ def lam_for_effective_batch_size(m: ArrayLike, target: ArrayLike) -> FloatArray:
 def _bn_size_for_sigma_noise(c: NDArray[np.float64]) -> NDArray[np.float64]:
     """Solve ``(m'-1)/m'**2 = c`` for the root ``m' >= 2`` (``c`` in [0, 1/4])."""
     with np.errstate(divide="ignore", invalid="ignore"):
-        return _f64(np.where(c > 0, (1.0 + np.sqrt(np.maximum(1.0 - 4.0 * c, 0.0))) / (2 * c), np.inf))
+        return _f64(
+            np.where(c > 0, (1.0 + np.sqrt(np.maximum(1.0 - 4.0 * c, 0.0))) / (2 * c), np.inf)
+        )
 
 
 def effective_batch_size_sigma(m: ArrayLike, lam: ArrayLike) -> FloatArray:
@@ -505,7 +507,7 @@ def lam_for_effective_batch_size_sigma(m: ArrayLike, target: ArrayLike) -> Float
     m_arr = _batch_size(m, minimum=2.0)
     t_arr = _batch_size(target, name="target", minimum=2.0)
     if np.any(np.isinf(m_arr)):
-        raise ValueError(f"batch size m must be finite, got {m}")
+        raise ValueError(f"batch size m must be finite, got {m!r}")
     with np.errstate(invalid="ignore", divide="ignore"):
         r = ((t_arr - 1.0) / t_arr**2) / ((m_arr - 1.0) / m_arr**2)
         r = np.where(np.isinf(t_arr), 0.0, r)
@@ -525,7 +527,7 @@ def eq11_endpoint_lam(m: ArrayLike, m0: ArrayLike) -> FloatArray:
     m_arr = _f64(m)
     m0_arr = _f64(m0)
     if np.any(~(m_arr > 0)) or np.any(~(m0_arr > 0)) or np.any(np.isinf(m0_arr)):
-        raise ValueError(f"m and m0 must be > 0 (m0 finite), got m={m}, m0={m0}")
+        raise ValueError(f"m and m0 must be > 0 (m0 finite), got m={m!r}, m0={m0!r}")
     return _f64(1.0 - np.minimum(m_arr / m0_arr, 1.0))
 
 

@@ -6,8 +6,10 @@ A *schedule* maps a 0-indexed ``count`` (completed epochs or steps, ``int`` or `
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
+from collections.abc import Iterable
 from typing import Protocol
 
 import numpy as np
@@ -74,15 +76,15 @@ def check_count(count: object) -> float:
     return out
 
 
-def check_boundaries(boundaries: object) -> tuple[float, ...]:
+def check_boundaries(boundaries: Iterable[object]) -> tuple[float, ...]:
     """Strictly increasing, finite, non-negative boundaries."""
     try:
-        items = tuple(boundaries)  # type: ignore[call-overload]
+        items = tuple(boundaries)
     except TypeError:
         raise TypeError(f"boundaries must be a sequence of numbers, got {boundaries!r}") from None
     out = tuple(check_real(f"boundaries[{i}]", b) for i, b in enumerate(items))
     if out and out[0] < 0:
         raise ValueError(f"boundaries must be >= 0, got {list(out)}")
-    if any(b >= c for b, c in zip(out, out[1:])):
+    if any(b >= c for b, c in itertools.pairwise(out)):
         raise ValueError(f"boundaries must be strictly increasing, got {list(out)}")
     return out

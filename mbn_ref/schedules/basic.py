@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ._types import (
     Schedule,
@@ -52,20 +52,26 @@ def constant(decay: float) -> Schedule:
     return schedule
 
 
-def _interpolate(start: float, end: float, num_steps: int, shape: str) -> Schedule:
+def _ramp(start: float, end: float, num_steps: int, ease: Callable[[float], float]) -> Schedule:
+    """``start -> end`` over ``num_steps`` along ``ease`` (``[0, 1] -> [0, 1]``), then ``end``."""
     lo, hi = min(start, end), max(start, end)
 
     def schedule(count: float, /) -> float:
         c = check_count(count)
         if c >= num_steps:
             return end
-        frac = c / num_steps
-        if shape == "cosine":
-            frac = 0.5 * (1.0 - math.cos(math.pi * frac))
         # Clamped: start + (end - start)*frac may round one unit past `end`.
-        return min(max(start + (end - start) * frac, lo), hi)
+        return min(max(start + (end - start) * ease(c / num_steps), lo), hi)
 
     return schedule
+
+
+def _linear_ease(frac: float) -> float:
+    return frac
+
+
+def _cosine_ease(frac: float) -> float:
+    return 0.5 * (1.0 - math.cos(math.pi * frac))
 
 
 def linear(start: float, end: float, num_steps: int) -> Schedule:
@@ -79,7 +85,7 @@ def linear(start: float, end: float, num_steps: int) -> Schedule:
     (0.9, 0.945, 0.99, 0.99)
     """
     s, e = check_decay("start", start), check_decay("end", end)
-    return _interpolate(s, e, check_num_steps("num_steps", num_steps), "linear")
+    return _ramp(s, e, check_num_steps("num_steps", num_steps), _linear_ease)
 
 
 def cosine(start: float, end: float, num_steps: int) -> Schedule:
@@ -92,7 +98,7 @@ def cosine(start: float, end: float, num_steps: int) -> Schedule:
     (0.9, 0.945, 0.99)
     """
     s, e = check_decay("start", start), check_decay("end", end)
-    return _interpolate(s, e, check_num_steps("num_steps", num_steps), "cosine")
+    return _ramp(s, e, check_num_steps("num_steps", num_steps), _cosine_ease)
 
 
 def exponential(start: float, rate: float, *, end: float | None = None) -> Schedule:
@@ -125,7 +131,7 @@ def exponential(start: float, rate: float, *, end: float | None = None) -> Sched
     def schedule(count: float, /) -> float:
         c = check_count(count)
         try:
-            value = s * r**c
+            value = s * float(r**c)
         except OverflowError:  # r > 1, so the ceiling applies
             value = math.inf
         if bound is None:
@@ -222,6 +228,9 @@ def from_update_rate(update_rate: Schedule) -> Schedule:
         raise TypeError(f"update_rate must be a schedule (callable), got {update_rate!r}")
 
     def schedule(count: float, /) -> float:
-        return 1.0 - check_decay("update rate", update_rate(count))
+        u = update_rate(count)
+        if not 0.0 <= u <= 1.0:
+            raise ValueError(f"update rate must be in [0, 1], got {u!r} at count {count!r}")
+        return 1.0 - u
 
     return schedule

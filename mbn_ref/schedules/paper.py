@@ -145,17 +145,24 @@ def mbn_lambda(
         if r >= 1.0 or total == 1.0:
             return np.zeros(t_arr.shape, dtype=np.float64)
         t_arr = np.minimum(t_arr, total)
-        lam_arr: NDArray[np.float64] = np.maximum(np.power(r, (total - t_arr) / (total - 1.0)) - r, 0.0)
+        lam_arr: NDArray[np.float64] = np.maximum(
+            np.power(r, (total - t_arr) / (total - 1.0)) - r, 0.0
+        )
         return lam_arr
     t = check_real("epoch", epoch)
     if t < 1:
         raise _epoch_error(epoch)
+    return _lam(t, total, r)
+
+
+def _lam(t: float, total: float, r: float) -> float:
+    """Eq. 11 on validated arguments (``t >= 1``, ``total >= 1``, ``0 < r <= 1``)."""
     if r >= 1.0 or total == 1.0:
         return 0.0
     t = min(t, total)
     # r**1 - r is exactly 0 and r**0 - r exactly 1 - r; max() guards the sign against pow's
     # last-place rounding in between.
-    return max(r ** ((total - t) / (total - 1.0)) - r, 0.0)
+    return max(float(r ** ((total - t) / (total - 1.0))) - r, 0.0)
 
 
 def mbn_lambda_schedule(
@@ -176,13 +183,10 @@ def mbn_lambda_schedule(
     True
     """
     total = _total(total_epochs)
-    m = check_positive("batch_size", batch_size)
-    m0 = check_positive("ideal_batch_size", ideal_batch_size)
+    r = _ratio(batch_size, ideal_batch_size)
 
     def schedule(count: float, /) -> float:
-        return mbn_lambda(
-            check_count(count) + 1.0, total_epochs=total, batch_size=m, ideal_batch_size=m0
-        )
+        return _lam(check_count(count) + 1.0, total, r)
 
     return schedule
 

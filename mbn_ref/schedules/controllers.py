@@ -1,0 +1,340 @@
+"""Adaptive decay controllers: small pure state machines with exactly restorable state.
+
+Each controller is a frozen dataclass (its configuration, validated on construction) with
+
+- ``init() -> State``: the state before any update;
+- ``update(state, observation) -> State``: pure, never mutates its arguments;
+- ``state_to_dict(state) -> dict``: plain ``float``/``int``/``list``/``None`` values
+  (JSON-compatible, round-trips bit-exactly through :mod:`json`);
+- ``state_from_dict(d) -> State``: strict; ``ValueError`` naming the missing, unknown or bad
+  key, and nothing is built from a partly valid dictionary.
+
+``State`` is a ``NamedTuple`` whose ``decay`` field is the decay (weight on history) to use for
+the next normalization updates.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from . import _state_dict as sd
+from ._types import check_decay, check_num_steps, check_positive, check_real
+
+__all__ = [
+    "GradientNoiseController",
+    "GradientNoiseState",
+    "PlateauController",
+    "PlateauState",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Plateau on a monitored metric (seed 000, validation-loss example)
+# --------------------------------------------------------------------------------------------
+
+
+class PlateauState(NamedTuple):
+    """State of :class:`PlateauController`."""
+
+    decay: float
+    #: Best finite metric seen so far; ``None`` before the first finite one.
+    best: float | None
+
+
+@dataclass(frozen=True)
+class PlateauController:
+    """Raise the decay while a monitored metric improves, lower it otherwise (seed 000).
+
+    On each ``update(state, metric)`` (typically once per epoch with the validation loss):
+
+    - *improvement* (mode ``"min"``: ``metric < best - min_delta``; mode ``"max"``:
+      ``metric > best + min_delta``; the first finite metric always improves):
+      ``decay <- min(decay + step_up, max_decay)`` and ``best <- metric``;
+    - otherwise ``decay <- max(decay - step_down, min_decay)``.
+
+    A non-finite metric (NaN, ``inf``) counts as no improvement and never becomes ``best``: a
+    diverging run gets more responsive statistics, and the state stays finite (strict JSON).
+
+    >>> ctl = PlateauController()
+    >>> s = ctl.init()
+    >>> for loss in [1.0, 0.8, 0.9]:
+    ...     s = ctl.update(s, loss)
+    >>> round(s.decay, 12), s.best
+    (0.91, 0.8)
+    >>> ctl.state_from_dict(ctl.state_to_dict(s)) == s
+    True
+    """
+
+    initial: float = 0.9
+    step_up: float = 0.01
+    step_down: float = 0.01
+    max_decay: float = 0.99
+    min_decay: float = 0.8
+    mode: Literal["min", "max"] = "min"
+    min_delta: float = 0.0
+
+    def __post_init__(self) -> None:
+        lo = check_decay("min_decay", self.min_decay)
+        hi = check_decay("max_decay", self.max_decay)
+        init = check_decay("initial", self.initial)
+        if not lo <= init <= hi:
+            raise ValueError(
+                f"need min_decay <= initial <= max_decay, got {self.min_decay!r}, "
+                f"{self.initial!r}, {self.max_decay!r}"
+            )
+        for name in ("step_up", "step_down", "min_delta"):
+            if check_real(name, getattr(self, name)) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {self.mode!r}")
+
+    def init(self) -> PlateauState:
+        """The state before any metric: ``decay = initial``, no best value."""
+        return PlateauState(decay=float(self.initial), best=None)
+
+    def improved(self, best: float | None, metric: float) -> bool:
+        """Whether ``metric`` improves on ``best`` (see the class docstring)."""
+        if not math.isfinite(metric):
+            return False
+        if best is None:
+            return True
+        if self.mode == "min":
+            return metric < best - self.min_delta
+        return metric > best + self.min_delta
+
+    def update(self, state: PlateauState, metric: float) -> PlateauState:
+        """Step the decay after observing ``metric``; returns a new state."""
+        if isinstance(metric, bool) or not isinstance(metric, numbers.Real):
+            raise TypeError(f"metric must be a real number, got {metric!r}")
+        value = float(metric)
+        if self.improved(state.best, value):
+            return PlateauState(decay=min(state.decay + self.step_up, self.max_decay), best=value)
+        return PlateauState(
+            decay=max(state.decay - self.step_down, self.min_decay), best=state.best
+        )
+
+    def state_to_dict(self, state: PlateauState) -> dict[str, Any]:
+        """``{"decay": float, "best": float | None}``."""
+        return {
+            "decay": float(state.decay),
+            "best": None if state.best is None else float(state.best),
+        }
+
+    def state_from_dict(self, d: object) -> PlateauState:
+        """Inverse of :meth:`state_to_dict`; ``ValueError`` naming a missing/unknown/bad key."""
+        what = "PlateauController"
+        m = sd.check_keys(d, ("decay", "best"), what)
+        return PlateauState(
+            decay=sd.read_decay(m, "decay", what),
+            best=sd.read_float(m, "best", what, optional=True),
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Gradient noise scale (replaces seed 000's gradient-noise example, SPEC §8 erratum 7)
+# --------------------------------------------------------------------------------------------
+
+#: Floor for the estimate of |G|^2, which can come out <= 0 when the noise dominates.
+_GRAD_SQ_FLOOR = 1e-300
+#: Cap on the noise scale handed to the decay mapping (keeps it finite).
+_NOISE_SCALE_CAP = 1e300
+
+
+class GradientNoiseState(NamedTuple):
+    """State of :class:`GradientNoiseController`.
+
+    ``mean`` and ``var`` are the exponentially weighted mean and (biased, weighted) variance
+    of the flattened gradients, per coordinate (empty before the first update);
+    ``weight_sq`` is the sum of the squared weights of that average, so that
+    ``Var[mean] = weight_sq * per-step variance`` and ``E[var] = (1 - weight_sq) *
+    per-step variance``.
+    """
+
+    decay: float
+    #: Number of gradients folded in.
+    num_updates: int
+    weight_sq: float
+    mean: NDArray[np.float64]
+    var: NDArray[np.float64]
+
+
+@dataclass(frozen=True)
+class GradientNoiseController:
+    """Decay from the simple gradient noise scale ``B_simple = tr(Sigma) / |G|^2``.
+
+    McCandlish et al. 2018, *An Empirical Model of Large-Batch Training*: ``G`` is the true
+    gradient, ``Sigma`` the per-example gradient covariance. Each update receives the
+    mini-batch gradient ``g_t`` (any shape, flattened) computed from ``batch_size`` examples,
+    so ``Cov[g_t] = Sigma / batch_size``.
+
+    **Estimator.** Per coordinate, an exponentially weighted mean and variance with update
+    rate ``a_n = max(alpha, 1/n)`` at the ``n``-th gradient (the exact mean and variance
+    until ``1/n`` falls below ``alpha``, an EMA afterwards), in West's stable form::
+
+        diff = g - mean;  mean += a*diff;  var = (1-a) * (var + a*diff**2)
+
+    (never ``E[g^2] - E[g]^2``). With ``W`` = sum of squared weights (``W_n = (1-a)**2
+    W_{n-1} + a**2``; ``1/n`` at first, then tending to ``alpha/(2-alpha)``), the per-step
+    variance is ``s2 = sum(var) / (1 - W)``; ``tr(Sigma) = batch_size * s2`` and
+    ``|G|^2 = |mean|^2 - W*s2`` (the bias of the averaged mean), floored at a tiny positive.
+
+    **Mapping to a decay** (deliberately the opposite direction of seed 000's "noise lowers
+    the momentum"): ``B_simple`` is the batch size at which gradient noise stops dominating,
+    so it is taken as the batch size whose statistics noise the normalization should have;
+    MBN's stationary mean noise at decay ``lam`` equals BN's at batch size
+    ``m (1+lam)/(1-lam)`` (:func:`mbn_ref.noise.effective_batch_size`), hence::
+
+        decay = clip(lam_for_effective_batch_size(norm_batch_size, B_simple),
+                     min_decay, max_decay)
+
+    non-decreasing in ``B_simple``: a noisier gradient gets smoother statistics; ``B_simple <=
+    norm_batch_size`` gives ``lam = 0`` (BN), clipped to ``min_decay``. For the first
+    ``warmup_steps`` updates the decay stays at ``initial``.
+
+    Non-finite gradients (e.g. steps an AMP loss scaler skips) leave the state unchanged.
+
+    Args:
+        batch_size: examples per gradient ``B`` (global batch in data-parallel training).
+        norm_batch_size: batch size ``m`` of the normalization statistics (per device when the
+            statistics are per device); defaults to ``batch_size``.
+        alpha: update rate of the moment averages, in ``(0, 1]``.
+        warmup_steps: updates during which the decay stays at ``initial`` (``>= 1``).
+        initial, min_decay, max_decay: decays, ``min_decay <= max_decay``.
+
+    Gradients of batch size 4 with per-step noise ``N(0, I)`` around ``G = 0.5`` (100
+    coordinates): ``tr(Sigma) = 4*100``, ``|G|^2 = 25``, ``B_simple = 16``, and MBN at
+    ``m = 4`` matches BN at 16 with ``lam = (16-4)/(16+4) = 0.6``:
+
+    >>> rng = np.random.default_rng(0)
+    >>> ctl = GradientNoiseController(batch_size=4, alpha=0.02, warmup_steps=50)
+    >>> s = ctl.init()
+    >>> for _ in range(500):
+    ...     s = ctl.update(s, 0.5 + rng.standard_normal(100))
+    >>> round(ctl.noise_scale(s), 1), round(s.decay, 2)
+    (16.0, 0.6)
+    """
+
+    batch_size: float
+    norm_batch_size: float | None = None
+    alpha: float = 0.01
+    warmup_steps: int = 100
+    initial: float = 0.9
+    min_decay: float = 0.0
+    max_decay: float = 0.99
+
+    def __post_init__(self) -> None:
+        check_positive("batch_size", self.batch_size)
+        if self.norm_batch_size is not None:
+            check_positive("norm_batch_size", self.norm_batch_size)
+        a = check_real("alpha", self.alpha)
+        if not 0.0 < a <= 1.0:
+            raise ValueError(f"alpha must be an update rate in (0, 1], got {self.alpha!r}")
+        check_num_steps("warmup_steps", self.warmup_steps)
+        check_decay("initial", self.initial)
+        if check_decay("min_decay", self.min_decay) > check_decay("max_decay", self.max_decay):
+            raise ValueError(
+                f"need min_decay <= max_decay, got {self.min_decay!r} > {self.max_decay!r}"
+            )
+
+    def init(self) -> GradientNoiseState:
+        """No gradient seen: ``decay = initial``, empty moments."""
+        empty = np.zeros(0, dtype=np.float64)
+        return GradientNoiseState(
+            decay=float(self.initial), num_updates=0, weight_sq=0.0, mean=empty, var=empty.copy()
+        )
+
+    def update(self, state: GradientNoiseState, grad: ArrayLike) -> GradientNoiseState:
+        """Fold in one mini-batch gradient (any shape, floating point); returns a new state."""
+        g_in = np.asarray(grad)
+        if not np.issubdtype(g_in.dtype, np.floating):
+            raise TypeError(f"grad must be a floating-point array, got dtype {g_in.dtype}")
+        g = g_in.astype(np.float64).ravel()
+        if g.size == 0:
+            raise ValueError("grad is empty")
+        if state.num_updates > 0 and g.size != state.mean.size:
+            raise ValueError(
+                f"grad has {g.size} elements, the controller's moments have {state.mean.size}"
+            )
+        if not np.all(np.isfinite(g)):
+            return state
+        count = state.num_updates + 1
+        a = max(float(self.alpha), 1.0 / count)
+        if state.num_updates == 0:
+            mean, var = g.copy(), np.zeros_like(g)
+        else:
+            diff = g - state.mean
+            incr = a * diff
+            mean = state.mean + incr
+            var = (1.0 - a) * (state.var + diff * incr)
+        weight_sq = (1.0 - a) ** 2 * state.weight_sq + a * a
+        new = GradientNoiseState(
+            decay=state.decay, num_updates=count, weight_sq=weight_sq, mean=mean, var=var
+        )
+        if count <= self.warmup_steps:
+            return new._replace(decay=float(self.initial))
+        scale = self.noise_scale(new)
+        assert scale is not None  # count >= 2 after warm-up
+        return new._replace(decay=self.decay_for_noise_scale(scale))
+
+    def noise_scale(self, state: GradientNoiseState) -> float | None:
+        """The estimate of ``B_simple = tr(Sigma)/|G|^2`` (``None`` before two gradients)."""
+        if state.num_updates < 2:
+            return None
+        step_var = float(np.sum(state.var)) / (1.0 - state.weight_sq)
+        grad_sq = float(np.dot(state.mean, state.mean)) - state.weight_sq * step_var
+        return float(self.batch_size) * step_var / max(grad_sq, _GRAD_SQ_FLOOR)
+
+    def decay_for_noise_scale(self, noise_scale: float) -> float:
+        """The mapping ``clip(lam_for_effective_batch_size(m, B_simple), min, max)``."""
+        # Imported here: mbn_ref.noise needs SciPy (not a core dependency) at import time, and
+        # `import mbn_ref.schedules` (hence the CLI) must work with NumPy alone.
+        from mbn_ref.noise import lam_for_effective_batch_size
+
+        if math.isnan(noise_scale):
+            raise ValueError("noise_scale is NaN (overflowing gradients?)")
+        m = self.batch_size if self.norm_batch_size is None else self.norm_batch_size
+        target = min(max(float(noise_scale), _GRAD_SQ_FLOOR), _NOISE_SCALE_CAP)
+        lam = float(lam_for_effective_batch_size(m, target))
+        return min(max(lam, float(self.min_decay)), float(self.max_decay))
+
+    def state_to_dict(self, state: GradientNoiseState) -> dict[str, Any]:
+        """``decay``, ``num_updates``, ``weight_sq`` and the ``mean``/``var`` vectors as lists."""
+        return {
+            "decay": float(state.decay),
+            "num_updates": int(state.num_updates),
+            "weight_sq": float(state.weight_sq),
+            "mean": state.mean.tolist(),
+            "var": state.var.tolist(),
+        }
+
+    def state_from_dict(self, d: object) -> GradientNoiseState:
+        """Inverse of :meth:`state_to_dict`; ``ValueError`` naming a missing/unknown/bad key."""
+        what = "GradientNoiseController"
+        m = sd.check_keys(d, ("decay", "num_updates", "weight_sq", "mean", "var"), what)
+        decay = sd.read_decay(m, "decay", what)
+        count = sd.read_count(m, "num_updates", what)
+        weight_sq: float = sd.read_float(m, "weight_sq", what)
+        mean = sd.read_vector(m, "mean", what)
+        var = sd.read_vector(m, "var", what)
+        if var.shape != mean.shape:
+            raise ValueError(
+                f"{what} state: key 'var' has length {var.size}, key 'mean' {mean.size}"
+            )
+        if (count == 0) != (mean.size == 0):
+            raise ValueError(
+                f"{what} state: key 'mean' has length {mean.size} with num_updates {count} "
+                "(empty exactly when num_updates is 0)"
+            )
+        if not (0.0 < weight_sq <= 1.0 if count else weight_sq == 0.0):
+            raise ValueError(f"{what} state: key 'weight_sq' out of range: {weight_sq!r}")
+        if np.any(var < 0):
+            raise ValueError(f"{what} state: key 'var' holds negative values")
+        return GradientNoiseState(
+            decay=decay, num_updates=count, weight_sq=weight_sq, mean=mean, var=var
+        )
