@@ -110,6 +110,23 @@ def check_channels(name: str, v: Array, channels: int, shape: tuple[int, ...], a
         )
 
 
+def check_state_fields(state: Sequence[Array], names: Sequence[str]) -> None:
+    """``ValueError`` naming the missing/unexpected keys when ``state`` is not the expected
+    NamedTuple (e.g. a BN state handed to MBN), SPEC §9."""
+    fields = getattr(state, "_fields", None)
+    if fields is None:
+        if len(state) != len(names):
+            raise ValueError(f"state has {len(state)} fields, expected {tuple(names)}")
+        return
+    if tuple(fields) != tuple(names):
+        missing = [n for n in names if n not in fields]
+        unexpected = [f for f in fields if f not in names]
+        raise ValueError(
+            f"state has fields {tuple(fields)}, expected {tuple(names)} (missing {missing}, "
+            f"unexpected {unexpected})"
+        )
+
+
 def prepare(
     x: Array,
     gamma: Array | None,
@@ -129,11 +146,19 @@ def prepare(
     check_eps(eps)
     check_policy(nonfinite)
     channels = shape[ax]
-    for name, v in [("gamma", gamma), ("beta", beta), *zip(state_names, state, strict=True)]:
+    check_state_fields(state, state_names)
+    for name, v in [("gamma", gamma), ("beta", beta)]:
         if v is not None:
             check_channels(name, v, channels, shape, ax)
-            if name != "num_batches_tracked":
-                check_float_input(xp, v, name)
+            check_float_input(xp, v, name)
+    for name, v in zip(state_names, state, strict=True):
+        if name == "num_batches_tracked":
+            continue  # check_counter
+        check_channels(name, v, channels, shape, ax)
+        if not xp.isdtype(v.dtype, "real floating"):  # SPEC §9: ValueError naming the key
+            raise ValueError(
+                f"state field {name} has dtype {v.dtype}; expected a real floating dtype"
+            )
     cdt = compute_dtype(xp, x.dtype)
     return Batch(
         xp=xp,

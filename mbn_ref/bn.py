@@ -138,8 +138,8 @@ def bn_forward(
         axis=axis,
         eps=eps,
         nonfinite=nonfinite,
-        state=() if state is None else state[:2],
-        state_names=() if state is None else _STATE_FIELDS[:2],
+        state=() if state is None else state,
+        state_names=() if state is None else _STATE_FIELDS,
     )
     check_decay_arg(decay, "decay", allow_none=True)
     validate_estimator(estimator)

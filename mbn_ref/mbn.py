@@ -123,8 +123,8 @@ def mbn_forward(
         axis=axis,
         eps=eps,
         nonfinite=nonfinite,
-        state=tuple(state)[:4],
-        state_names=MBNState._fields[:4],
+        state=state,
+        state_names=MBNState._fields,
     )
     check_decay_arg(lam, "lam")
     check_decay_arg(tau, "tau", allow_none=True)

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
+from conftest import to_numpy
 from hypothesis import given
 from hypothesis import strategies as st
 
 import mbn_ref as mr
 from mbn_ref import distributed as dist
 
-from conftest import to_numpy
-
 
 def _split(x: np.ndarray, cuts: list[int]) -> list[np.ndarray]:
     bounds = [0, *sorted(cuts), x.shape[0]]
-    return [x[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    return [x[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 @st.composite
@@ -110,6 +111,7 @@ def test_all_shards_empty_changes_nothing() -> None:
     assert all(s is state for s in states)
     dxs, dg, db = dist.sync_backward([np.zeros((0, 2))] * 2, ctxs)
     assert all(d.shape == (0, 2) for d in dxs)
+    assert dg is None and db is None  # no affine parameters, nothing to reduce
 
 
 def test_single_value_in_total_is_rejected_for_bn() -> None:

@@ -1,0 +1,152 @@
+"""Built-in adapters: the core (:mod:`mbn_ref`) on each Array API namespace.
+
+``numpy``, ``array-api-strict``, ``torch-xp`` (PyTorch tensors through array-api-compat) and
+``cupy`` (needs a CUDA GPU). They are what the golden vectors were computed with, so they
+check the suite's plumbing and the core's portability; third-party adapters follow the same
+pattern (see ``docs/conformance.md``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+import mbn_ref as mr
+from mbn_ref import distributed
+
+from .protocol import Capabilities
+
+BACKENDS = ("numpy", "array-api-strict", "torch-xp", "cupy")
+
+
+def _namespace(backend: str) -> tuple[Any, frozenset[str]]:
+    """The backend's Array API namespace and the dtypes it offers."""
+    all_dtypes = frozenset({"float16", "float32", "float64"})
+    if backend == "numpy":
+        return importlib.import_module("array_api_compat.numpy"), all_dtypes
+    if backend == "array-api-strict":
+        # the standard has no float16: strict namespaces run float32/float64 only
+        return importlib.import_module("array_api_strict"), frozenset({"float32", "float64"})
+    if backend == "torch-xp":
+        return importlib.import_module("array_api_compat.torch"), all_dtypes
+    if backend == "cupy":
+        cp = importlib.import_module("cupy")
+        if cp.cuda.runtime.getDeviceCount() < 1:
+            raise RuntimeError("the cupy backend needs a CUDA GPU; none is visible")
+        return importlib.import_module("array_api_compat.cupy"), all_dtypes
+    raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
+
+
+class CoreAdapter:
+    """The core's functions on one namespace, speaking the suite's canonical convention
+    (decays, canonical state keys) natively."""
+
+    def __init__(self, backend: str = "numpy") -> None:
+        self.xp, dtypes = _namespace(backend)
+        self.name = f"mbn_ref[{backend}]"
+        self.capabilities = Capabilities(dtypes=dtypes)
+
+    # -- arrays -------------------------------------------------------------------------
+    def from_numpy(self, a: np.ndarray) -> Any:
+        return self.xp.asarray(a)
+
+    def to_numpy(self, a: Any) -> np.ndarray:
+        if hasattr(a, "detach"):
+            return np.asarray(a.detach().cpu().numpy())
+        if hasattr(a, "get"):
+            return np.asarray(a.get())
+        return np.asarray(a)
+
+    # -- state --------------------------------------------------------------------------
+    def init_state(self, algorithm: str, num_features: int, dtype: str) -> Any:
+        # the golden state is float64 whatever the input dtype: states are kept at the spec
+        # precision, inputs and outputs in the case's dtype
+        dt = self.xp.float64
+        init = mr.init_state if algorithm == "mbn" else mr.init_bn_state
+        return init(num_features, xp=self.xp, dtype=dt)
+
+    def load_state(self, state: Any, values: Mapping[str, np.ndarray]) -> Any:
+        return type(state)(**{f: self.xp.asarray(values[f]) for f in state._fields})
+
+    def state_to_numpy(self, state: Any) -> dict[str, np.ndarray]:
+        return {f: self.to_numpy(v) for f, v in zip(state._fields, state, strict=True)}
+
+    # -- steps --------------------------------------------------------------------------
+    @staticmethod
+    def _kwargs(algorithm: str, decay: Any, lam: float, tau: Any, estimator: str) -> dict[str, Any]:
+        if algorithm == "mbn":
+            return {"lam": lam, "tau": tau, "estimator": estimator}
+        return {"decay": decay, "estimator": estimator}
+
+    def train_step(
+        self,
+        algorithm: str,
+        state: Any,
+        x: Any,
+        gamma: Any,
+        beta: Any,
+        *,
+        decay: float | None,
+        lam: float,
+        tau: float | None,
+        eps: float,
+        axis: int,
+        estimator: str,
+    ) -> tuple[Any, Any, Any]:
+        forward = mr.mbn_forward if algorithm == "mbn" else mr.bn_forward
+        return forward(
+            x,
+            state,
+            gamma,
+            beta,
+            eps=eps,
+            axis=axis,
+            **self._kwargs(algorithm, decay, lam, tau, estimator),
+        )
+
+    def eval_step(
+        self, algorithm: str, state: Any, x: Any, gamma: Any, beta: Any, *, eps: float, axis: int
+    ) -> Any:
+        forward = mr.mbn_forward if algorithm == "mbn" else mr.bn_forward
+        return forward(x, state, gamma, beta, eps=eps, axis=axis, training=False)[0]
+
+    def backward(self, ctx: Any, dy: Any) -> tuple[Any, Any, Any]:
+        return mr.mbn_backward(dy, ctx)
+
+    def sync_train_step(
+        self,
+        algorithm: str,
+        state: Any,
+        shards: Sequence[Any],
+        gamma: Any,
+        beta: Any,
+        *,
+        decay: float | None,
+        lam: float,
+        tau: float | None,
+        eps: float,
+        axis: int,
+        estimator: str,
+    ) -> tuple[list[Any], Any, Any]:
+        sync = distributed.sync_mbn_forward if algorithm == "mbn" else distributed.sync_bn_forward
+        ys, states, ctxs = sync(
+            shards,
+            state,
+            gamma,
+            beta,
+            eps=eps,
+            axis=axis,
+            **self._kwargs(algorithm, decay, lam, tau, estimator),
+        )
+        return ys, states[0], ctxs
+
+    def sync_backward(self, ctx: Any, dys: Sequence[Any]) -> tuple[list[Any], Any, Any]:
+        return distributed.sync_backward(dys, ctx)
+
+
+def make(backend: str = "numpy") -> CoreAdapter:
+    """Factory for ``--backend`` (and ``--impl mbn_conformance.builtin:make``)."""
+    return CoreAdapter(backend)

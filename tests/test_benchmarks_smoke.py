@@ -1,0 +1,119 @@
+"""The benchmark scripts run end to end and write well-formed JSON.
+
+``benchmarks/bench_core.py --quick`` (tiny shapes, one round, no calibration) must exit 0 and
+write a report whose schema is complete, whose every time and ratio is a positive finite
+number, and whose contenders agree on the output they time (so a benchmark never compares
+unlike computations). Nothing here asserts a speed: timings belong in the JSON, not in tests
+(docs: DESIGN.md, "benchmarks").
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("onnx")
+
+BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+MODES = {"train_forward", "train_forward_backward", "eval_forward"}
+OURS = {"bn_numpy", "mbn_numpy", "bn_torch", "mbn_torch"}
+
+
+def _positive_finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def _run(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(BENCH_DIR / script), *args],
+        capture_output=True, text=True, timeout=240, check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def quick_report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("bench") / "core.json"
+    proc = _run("bench_core.py", "--quick", "--repeats", "1", "--json", str(out))
+    assert proc.returncode == 0, f"bench_core.py --quick failed:\n{proc.stdout}\n{proc.stderr}"
+    assert "| shape | mode |" in proc.stdout, "the readable table was not printed"
+    return json.loads(out.read_text())
+
+
+def test_header_names_versions_and_threads(quick_report: dict[str, Any]) -> None:
+    assert quick_report["schema"] == "mbn-ref/bench-core/1"
+    header = quick_report["header"]
+    for lib in ("python", "numpy", "torch", "onnx", "array_api_compat", "mbn_ref"):
+        assert header["versions"][lib], f"no version for {lib}"
+    assert isinstance(header["torch_num_threads"], int) and header["torch_num_threads"] >= 1
+    assert header["numpy_blas"]["source"] in ("threadpoolctl", "numpy.show_config")
+    assert header["settings"]["quick"] is True
+    assert header["settings"]["rounds"] == 1
+
+
+def test_every_case_has_all_contenders_and_modes(quick_report: dict[str, Any]) -> None:
+    cases = quick_report["cases"]
+    shapes = {tuple(c["shape"]) for c in cases}
+    assert sorted(len(s) for s in shapes) == [2, 4], shapes
+    for shape in shapes:
+        assert {c["mode"] for c in cases if tuple(c["shape"]) == shape} == MODES
+    for case in cases:
+        names = set(case["contenders"])
+        assert {"torch_native", *OURS} <= names, (case["shape"], case["mode"], names)
+        onnx = {"onnx_evaluator", "onnx_op"}
+        if case["mode"] == "train_forward_backward":
+            assert not names & onnx, "ONNX has no backward; it must not appear in fwd+bwd"
+        else:
+            assert onnx <= names
+
+
+def test_times_and_ratios_are_positive_finite(quick_report: dict[str, Any]) -> None:
+    n_ratios = 0
+    for case in quick_report["cases"]:
+        for name, t in case["contenders"].items():
+            assert _positive_finite(t["median_ms"]), (name, t)
+            assert _positive_finite(t["min_ms"]), (name, t)
+            assert len(t["rounds_ms"]) == 1 and t["loops"] >= 1
+        for name, r in case["ratios"].items():
+            for v in (r["median"], r["of_medians"], *r["per_round"]):
+                assert _positive_finite(v), (case["shape"], case["mode"], name, r)
+            n_ratios += 1
+        for name, t in case["targets"].items():
+            assert isinstance(t["pass"], bool) and _positive_finite(t["limit"]), (name, t)
+            assert t["ratio"] == case["ratios"][name]["median"]
+    # 4 vs native and 4 vs ONNX per forward case, 4 vs native per fwd+bwd case; 2 shapes.
+    assert n_ratios == 2 * (8 + 4 + 8)
+
+
+def test_contenders_compute_the_same_thing(quick_report: dict[str, Any]) -> None:
+    for case in quick_report["cases"]:
+        diffs = case["agreement_max_abs_diff"]
+        assert diffs, "no agreement checks recorded"
+        for name, d in diffs.items():
+            assert 0 <= d < 1e-4, f"{case['shape']} {case['mode']}: {name} differs by {d}"
+
+
+def test_bad_shape_is_a_usage_error(tmp_path: Path) -> None:
+    proc = _run("bench_core.py", "--quick", "--shapes", "32", "--json", str(tmp_path / "x.json"))
+    assert proc.returncode == 2
+    assert "needs at least 2 positive dims" in proc.stderr
+
+
+def test_profile_script_runs_quick(tmp_path: Path) -> None:
+    out = tmp_path / "profile.json"
+    proc = _run("profile_core.py", "--quick", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert report["schema"] == "mbn-ref/profile-core/1"
+    assert {"bn_numpy_forward", "mbn_torch_backward"} <= set(report["profile"])
+    for title, group in report["experiments"].items():
+        for name, entry in group.items():
+            assert _positive_finite(entry["median_ms"]), (title, name)
+            assert _positive_finite(entry["ratio_to_first"]), (title, name)
+            assert entry["agrees_with_first"] in (True, None), (title, name)
