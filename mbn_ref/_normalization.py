@@ -36,7 +36,8 @@ class NormContext(NamedTuple):
     ``batch_mean`` the batch's own mean (``None`` when the statistics are constants).
     """
 
-    x: Array
+    x: Array  # in the compute dtype
+    dtype: Any  # the caller's dtype of x, which dx comes back in
     axis: int
     mean: Array
     rstd: Array
@@ -76,6 +77,7 @@ class Batch:
     ) -> NormContext:
         return NormContext(
             self.x,
+            self.dtype,
             self.axis,
             mean,
             rstd,
@@ -257,7 +259,7 @@ def eval_forward(
     rstd = _kernels.inverse_std(xp, xp.astype(var, b.x.dtype), eps)
     centered = b.x - as_channel(xp, mean, b.x.ndim, b.axis)
     y = _kernels.affine_normalize(xp, centered, b.axis, None, rstd, b.gamma, b.beta)
-    return xp.astype(y, b.dtype), b.context(mean, rstd, 0, None)
+    return xp.astype(y, b.dtype, copy=False), b.context(mean, rstd, 0, None)
 
 
 def train_statistics(
@@ -300,7 +302,6 @@ def backward(dy: Array, ctx: NormContext) -> tuple[Array, Array | None, Array | 
         raise ValueError(
             f"dy has shape {tuple(dy.shape)}, expected the forward input's {tuple(ctx.x.shape)}"
         )
-    out_dtype = dy.dtype
     dyc = xp.astype(dy, ctx.x.dtype, copy=False)
     axes = reduce_axes(dyc.ndim, ctx.axis)
     dx, dgamma, dbeta = _kernels.normalize_backward(
@@ -318,7 +319,7 @@ def backward(dy: Array, ctx: NormContext) -> tuple[Array, Array | None, Array | 
         ctx.all_sum,
     )
     return (
-        xp.astype(dx, out_dtype),
-        None if ctx.gamma_dtype is None else xp.astype(dgamma, ctx.gamma_dtype),
-        None if ctx.beta_dtype is None else xp.astype(dbeta, ctx.beta_dtype),
+        xp.astype(dx, ctx.dtype, copy=False),
+        None if ctx.gamma_dtype is None else xp.astype(dgamma, ctx.gamma_dtype, copy=False),
+        None if ctx.beta_dtype is None else xp.astype(dbeta, ctx.beta_dtype, copy=False),
     )

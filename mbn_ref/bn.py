@@ -162,7 +162,7 @@ def bn_forward(
     ctx = b.context(mean, rstd, 1, mean, m, all_sum)
     if training and state is not None:
         state = _update(xp, state, mean, running_variance(var, m, estimator), decay, ok)
-    return xp.astype(y, b.dtype), state, ctx
+    return xp.astype(y, b.dtype, copy=False), state, ctx
 
 
 def _update(

@@ -163,7 +163,7 @@ def mbn_forward(
     )
     weight = 1.0 - lam if is_python_scalar(lam) else 1 - xp.astype(lam, b.x.dtype)
     ctx = b.context(mean, rstd, weight, batch_mean, m, all_sum)
-    return xp.astype(y, b.dtype), new_state, ctx
+    return xp.astype(y, b.dtype, copy=False), new_state, ctx
 
 
 def mbn_backward(dy: Array, ctx: NormContext) -> tuple[Array, Array | None, Array | None]:
