@@ -141,7 +141,7 @@ def prepare(
     state_names: Sequence[str] = (),
 ) -> Batch:
     """Validate a forward call's arguments and bring them into the compute dtype."""
-    xp = namespace(x, gamma, beta)
+    xp = namespace(x, gamma, beta, *state)
     check_float_input(xp, x)
     shape = tuple(x.shape)
     ax = normalize_axis(x.ndim, axis, shape)
