@@ -13,7 +13,7 @@ A batch of ``m`` samples has mean ``mu_B`` and *biased* variance ``var_B``; then
 
 Every function is vectorized over NumPy arrays (broadcasting ``m``, ``lam``, ``xtilde``),
 returns float64, and is verified by Monte Carlo in ``tests/test_noise.py``; the derivations
-are in ``docs/derivations/noise.md`` and the paper's misprints in ``docs/errata_noise.md``.
+are in ``docs/derivations/noise.md`` and the paper's misprints in ``docs/errata.md``.
 ``m`` may be any real number ``>= 1`` (the formulas are analytic in ``m``); moments that do not
 exist are returned as ``inf`` (diverging) or ``nan`` (undefined), following ``scipy.stats.t``.
 """
