@@ -1,9 +1,12 @@
 """The ``mbn-ref`` command line.
 
-Subcommands (the set grows; ``conformance`` and ``reproduce`` are planned):
+Subcommands (the set grows; ``reproduce`` is planned):
 
 - ``mbn-ref schedule``: the paper's Eq. 11 training decay ``lam`` per epoch and Eq. 12
   inference decay ``tau`` for a batch size, as a table (and optionally JSON).
+- ``mbn-ref conformance``: the conformance suite against an implementation (implemented in
+  :mod:`mbn_conformance.cli`, registered lazily: the core never imports the suite at module
+  level, and without it the subcommand says so).
 
 Exit status: 0 on success, 2 on a usage or input error (one line on stderr, no traceback),
 1 when the output cannot be written.
@@ -106,7 +109,33 @@ def _build_parser() -> argparse.ArgumentParser:
         help="also write every epoch's values as JSON to PATH ('-': JSON on stdout instead)",
     )
     sched.set_defaults(run=_run_schedule)
+    _register_conformance(sub)
     return parser
+
+
+def _register_conformance(sub: Any) -> None:
+    """The ``conformance`` subcommand from :mod:`mbn_conformance.cli`, imported only now."""
+    try:
+        from mbn_conformance.cli import register
+    except ImportError as exc:
+        reason = str(exc)
+        stub = sub.add_parser(
+            "conformance",
+            help="run the conformance suite (unavailable: mbn_conformance is not importable)",
+            add_help=False,
+            prefix_chars="\0",  # every argument is positional: the stub takes anything
+        )
+        stub.add_argument("rest", nargs="*")
+
+        def unavailable(args: argparse.Namespace) -> int:
+            raise _UsageError(
+                f"{PROG} conformance: error: the conformance suite (mbn_conformance) is not "
+                f"importable ({reason}); install the full mbn-ref distribution"
+            )
+
+        stub.set_defaults(run=unavailable)
+        return
+    register(sub)
 
 
 def _schedule_report(args: argparse.Namespace) -> dict[str, Any]:

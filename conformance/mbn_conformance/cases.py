@@ -121,6 +121,8 @@ def specs() -> Iterator[Spec]:
     yield Spec("mbn", "NC", 64, lam=0.9375)
     yield Spec("bn", "NCHW", 1)  # N = 1, but 6 values per channel
     yield Spec("mbn", "NC", 1, lam=0.5, init="random")  # m = 1: history normalizes it
+    yield Spec("bn", "NCHW", 0, init="random")  # N = 0: empty output, state unchanged
+    yield Spec("mbn", "NC", 0, lam=0.5, init="random")
     yield Spec("bn", "NCHW", 2, data="zero_var_channel")
     yield Spec("mbn", "NCHW", 2, lam=0.5, data="zero_var_channel")
     yield Spec("bn", "NCHW", 2, decay=0.0)

@@ -82,7 +82,7 @@ class _Checker:
         r = self.result
         r.max_abs = max(r.max_abs, cmp.max_abs)
         r.max_rel = max(r.max_rel, cmp.max_rel)
-        if cmp.ratio >= r.ratio or not r.worst:
+        if cmp.ratio > r.ratio or not r.worst:  # the first worst: where it started
             r.ratio, r.worst, r.rtol, r.atol = (
                 cmp.ratio,
                 f"step {step} {quantity}",

@@ -1,0 +1,1 @@
+"""Examples (importable as ``examples.*`` from the repository root)."""
