@@ -24,6 +24,10 @@ epoch t  lam (Eq. 11)  torch momentum (1 - lam)
       3      0.937500                  0.062500
 <BLANKLINE>
 tau (Eq. 12, inference) = 0.989894   torch momentum (1 - tau) = 0.010106
+<BLANKLINE>
+At t = T, lam = 0.937500: batch size 2 has the statistics noise of BN with batch size
+62.0 in the mean and 123.0 in the variance, not m0 = 32 as the paper's misprinted
+Eq. 10 suggests (docs/errata.md, erratum 3).
 0
 """
 
@@ -35,7 +39,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from mbn_ref import __version__
+from mbn_ref import __version__, noise
 from mbn_ref.schedules.paper import PAPER_DEFAULTS_SEC_5_2, mbn_lambda, mbn_tau
 
 __all__ = ["main"]
@@ -167,6 +171,11 @@ def _schedule_report(args: argparse.Namespace) -> dict[str, Any]:
         "lam_torch_momentum": [1.0 - v for v in lam],
         "tau": tau,
         "tau_torch_momentum": 1.0 - tau,
+        # what the end point lam(T) really buys, with the corrected Eq. 10 (erratum 3)
+        "end_point_effective_batch_size": {
+            "mean_noise": float(noise.effective_batch_size(args.batch_size, lam[-1])),
+            "variance_noise": float(noise.effective_batch_size_sigma(args.batch_size, lam[-1])),
+        },
     }
 
 
@@ -191,6 +200,16 @@ def _schedule_table(report: dict[str, Any], every: int) -> str:
         f"tau (Eq. 12, inference) = {report['tau']:.6f}   "
         f"torch momentum (1 - tau) = {report['tau_torch_momentum']:.6f}",
     ]
+    eff = report["end_point_effective_batch_size"]
+    if report["lam"][-1] > 0:
+        lines += [
+            "",
+            f"At t = T, lam = {report['lam'][-1]:.6f}: batch size {report['batch_size']} has the "
+            "statistics noise of BN with batch size",
+            f"{eff['mean_noise']:.1f} in the mean and {eff['variance_noise']:.1f} in the variance, "
+            f"not m0 = {report['ideal_batch_size']} as the paper's misprinted",
+            "Eq. 10 suggests (docs/errata.md, erratum 3).",
+        ]
     return "\n".join(lines)
 
 

@@ -149,3 +149,16 @@ def test_console_script() -> None:
     )
     assert bad.returncode == 2
     assert len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
+
+
+def test_schedule_reports_what_the_end_point_really_matches(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """m = 4, m0 = 32: lam(T) = 7/8 matches BN at 2*m0 - m = 60 in the mean noise (erratum 3)."""
+    assert main(["schedule", "--batch-size", "4", "--epochs", "10", "--json", "-"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["end_point_effective_batch_size"]["mean_noise"] == pytest.approx(60.0)
+    assert main(["schedule", "--batch-size", "4", "--epochs", "10"]) == 0
+    assert "batch size\n60.0 in the mean" in capsys.readouterr().out
+    assert main(["schedule", "--batch-size", "32", "--epochs", "10"]) == 0
+    assert "At t = T" not in capsys.readouterr().out  # m >= m0: MBN is BN, nothing to claim
