@@ -202,12 +202,7 @@ def sync_bn_forward(
     the returned per-shard states are equal, which the tests check. ``kwargs`` are
     :func:`mbn_ref.bn_forward`'s.
     """
-    _check_shards(shards, kwargs.get("axis", 1))
-    out = simulate(
-        len(shards),
-        lambda r, all_sum: bn_forward(shards[r], state, gamma, beta, all_sum=all_sum, **kwargs),
-    )
-    return [o[0] for o in out], [o[1] for o in out], [o[2] for o in out]
+    return _sync_forward(bn_forward, shards, state, gamma, beta, kwargs)
 
 
 def sync_mbn_forward(
@@ -218,10 +213,22 @@ def sync_mbn_forward(
     **kwargs: Any,
 ) -> tuple[list[Array], list[MBNState], list[NormContext]]:
     """Synchronized MBN over simulated shards (global statistics feed both moving averages)."""
+    return _sync_forward(mbn_forward, shards, state, gamma, beta, kwargs)
+
+
+def _sync_forward(
+    forward: Callable[..., Any],
+    shards: Sequence[Array],
+    state: Any,
+    gamma: Array | None,
+    beta: Array | None,
+    kwargs: dict[str, Any],
+) -> Any:
+    """Run ``forward(shard, state, ..., all_sum=...)`` SPMD over simulated shards."""
     _check_shards(shards, kwargs.get("axis", 1))
     out = simulate(
         len(shards),
-        lambda r, all_sum: mbn_forward(shards[r], state, gamma, beta, all_sum=all_sum, **kwargs),
+        lambda r, all_sum: forward(shards[r], state, gamma, beta, all_sum=all_sum, **kwargs),
     )
     return [o[0] for o in out], [o[1] for o in out], [o[2] for o in out]
 
