@@ -223,7 +223,7 @@ def _sync_forward(
     gamma: Array | None,
     beta: Array | None,
     kwargs: dict[str, Any],
-) -> Any:
+) -> tuple[list[Array], list[Any], list[NormContext]]:
     """Run ``forward(shard, state, ..., all_sum=...)`` SPMD over simulated shards."""
     _check_shards(shards, kwargs.get("axis", 1))
     out = simulate(
