@@ -150,8 +150,8 @@ def test_skip_reasons_shown(capsys: pytest.CaptureFixture[str]) -> None:
     ("argv", "match"),
     [
         (["--backend", "nope"], "invalid choice"),
-        (["--impl", "no_colon"], "MODULE:FACTORY"),
-        (["--impl", "mod:"], "MODULE:FACTORY"),
+        (["--impl", "no_colon"], "expected 'module:factory'"),
+        (["--impl", "mod:"], "expected 'module:factory'"),
         (["--impl", "no_such_module_xyz:make"], "No module named 'no_such_module_xyz'"),
         (["--impl", "json:no_such_factory"], "no attribute"),
         (["--impl", "json:JSONDecodeError"], "raised"),
@@ -218,3 +218,30 @@ def test_python_m_entry_point(capsys: pytest.CaptureFixture[str]) -> None:
     assert suite_main(["--backend", "numpy", "--cases", "cumulative/*"]) == 0
     assert "2 passed" in capsys.readouterr().out
     assert suite_main(["--impl", "x"]) == 2
+
+
+def test_properties_join_the_report(capsys: pytest.CaptureFixture[str]) -> None:
+    """--properties adds one row per property (ids property/<name>); patterns select them."""
+    assert (
+        main(
+            [
+                "conformance",
+                "--backend",
+                "numpy",
+                "--properties",
+                "--json",
+                "-",
+                "--cases",
+                "property/bn_*",
+            ]
+        )
+        == 0
+    )
+    doc = json.loads(capsys.readouterr().out)
+    ids = [c["case"] for c in doc["cases"]]
+    assert ids and all(i.startswith("property/bn_") for i in ids)
+    assert {c["status"] for c in doc["cases"]} == {"pass"}
+    assert (
+        main(["conformance", "--backend", "numpy", "--properties", "--cases", "property/nope"]) == 2
+    )
+    assert "no property matches" in capsys.readouterr().err

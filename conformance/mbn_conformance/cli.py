@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import importlib
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +25,7 @@ from typing import Any
 
 from . import report, vectors
 from .builtin import BACKENDS
+from .loading import AdapterLoadError, backend_adapter, load_adapter
 from .protocol import Adapter
 from .runner import run, succeeded
 
@@ -78,6 +77,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also write the JSON report to PATH ('-': the JSON report on stdout instead)",
     )
     parser.add_argument(
+        "--properties",
+        action="store_true",
+        help="also check the hypothesis properties (needs hypothesis; ids property/<name>)",
+    )
+    parser.add_argument(
         "--all", action="store_true", help="list passing cases too (default: only the others)"
     )
     parser.add_argument(
@@ -101,63 +105,17 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 def load_impl(spec: str) -> tuple[Adapter, str]:
     """The adapter named by ``module:factory`` (``UsageError`` with the reason otherwise)."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr or ":" in attr:
-        raise UsageError(f"--impl must be MODULE:FACTORY (e.g. my_pkg.adapter:make), got {spec!r}")
-    if os.getcwd() not in sys.path:  # like ``python -m``: the current directory is importable
-        sys.path.insert(0, os.getcwd())
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise UsageError(f"cannot import {module_name!r}: {exc}") from None
-    obj: Any = module
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise UsageError(f"module {module_name!r} has no attribute {attr!r}") from None
-    adapter = obj
-    if not isinstance(obj, Adapter):
-        if not callable(obj):
-            raise UsageError(f"{spec} is neither an adapter nor a callable returning one")
-        try:
-            adapter = obj()
-        except Exception as exc:
-            raise UsageError(f"{spec}() raised {type(exc).__name__}: {exc}") from None
-    if not isinstance(adapter, Adapter):
-        missing = [
-            name
-            for name in ("name", "capabilities", *_PROTOCOL_METHODS)
-            if not hasattr(adapter, name)
-        ]
-        raise UsageError(
-            f"{spec} returned {type(adapter).__name__}, not an Adapter (missing: {missing})"
-        )
-    return adapter, spec
-
-
-_PROTOCOL_METHODS = (
-    "from_numpy",
-    "to_numpy",
-    "init_state",
-    "load_state",
-    "state_to_numpy",
-    "train_step",
-    "eval_step",
-    "backward",
-)
+        return load_adapter(spec), spec
+    except AdapterLoadError as exc:
+        raise UsageError(f"--impl {exc}") from None
 
 
 def _backend(name: str) -> tuple[Adapter, str]:
-    from . import builtin
-
     try:
-        adapter: Adapter = builtin.make(name)
-    except ImportError as exc:
-        raise UsageError(f"backend {name!r} is not available: {exc}") from None
-    except (RuntimeError, ValueError) as exc:
-        raise UsageError(f"backend {name!r}: {exc}") from None
-    return adapter, f"--backend {name}"
+        return backend_adapter(name), f"--backend {name}"
+    except AdapterLoadError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -176,12 +134,19 @@ def _run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         raise UsageError(f"cannot read vectors {args.vectors}: {exc}") from None
     patterns: list[str] = args.cases
-    chosen = [
-        c for c in cases if not patterns or any(fnmatch.fnmatchcase(c.id, p) for p in patterns)
-    ]
-    if not chosen:
-        raise UsageError(f"no case id matches {' '.join(patterns)} (in {args.vectors})")
+    own = [p for p in patterns if p.startswith("property/")]  # these select properties
+    golden = [p for p in patterns if p not in own]
+    if own and not golden:
+        chosen = []
+    else:
+        chosen = [
+            c for c in cases if not golden or any(fnmatch.fnmatchcase(c.id, p) for p in golden)
+        ]
+        if not chosen:
+            raise UsageError(f"no case id matches {' '.join(golden)} (in {args.vectors})")
     results = run(adapter, chosen)
+    if args.properties:
+        results += _properties(adapter, own)
     info = report.vectors_info(args.vectors, len(cases), len(chosen), patterns)
     doc = report.build(adapter, results, info, source=source)
     text = report.dumps(doc)
@@ -195,6 +160,18 @@ def _run(args: argparse.Namespace) -> int:
                 raise UsageError(f"cannot write {args.json}: {exc}") from None
         _print_human(doc, results, args)
     return 0 if succeeded(results) else 1
+
+
+def _properties(adapter: Adapter, select: Sequence[str]) -> list[Any]:
+    """The properties (all, or those matching ``property/...`` patterns) as result rows."""
+    try:
+        from . import properties
+    except ImportError as exc:
+        raise UsageError(f"--properties needs hypothesis: {exc}") from None
+    results = properties.run(adapter, select=select)
+    if select and not results:
+        raise UsageError(f"no property matches {' '.join(select)}")
+    return results
 
 
 def _print_human(doc: dict[str, Any], results: Sequence[Any], args: argparse.Namespace) -> None:
