@@ -8,6 +8,7 @@ results come back in the input dtype, arrays are created on the input's device).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -96,5 +97,7 @@ def as_channel(xp: Namespace, v: Array, ndim: int, axis: int) -> Array:
     return xp.reshape(v, tuple(shape))
 
 
-def is_python_scalar(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+def is_real_scalar(v: Any) -> bool:
+    """A real number given as a host scalar (Python or NumPy), as opposed to an array: what
+    the core can validate without a device sync."""
+    return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))

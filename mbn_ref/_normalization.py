@@ -16,7 +16,7 @@ from ._array import (
     check_float_input,
     compute_dtype,
     device_of,
-    is_python_scalar,
+    is_real_scalar,
     namespace,
     normalize_axis,
     reduce_axes,
@@ -92,8 +92,8 @@ class Batch:
 
 
 def check_eps(eps: float) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"eps must be a number > 0, got {eps!r}")
+    if not is_real_scalar(eps) or not eps > 0:
+        raise ValueError(f"eps must be a real number > 0, got {eps!r}")
     return float(eps)
 
 
@@ -191,7 +191,7 @@ def check_decay_arg(value: Any, name: str, *, allow_none: bool = False) -> None:
         if not allow_none:
             raise ValueError(f"{name} must be a decay in [0, 1], got None")
         return
-    if is_python_scalar(value) and not 0.0 <= value <= 1.0:
+    if is_real_scalar(value) and not 0.0 <= float(value) <= 1.0:
         raise ValueError(f"{name} must be a decay in [0, 1], got {value}")
 
 

@@ -118,7 +118,9 @@ def bn_forward(
         ``running_var``. Normalization always uses the biased variance.
     nonfinite
         ``"propagate"`` (IEEE), ``"skip_update"`` (state untouched by a batch holding NaN/Inf,
-        without a host sync) or ``"raise"`` (:class:`mbn_ref.errors.NonFiniteError`).
+        without a host sync) or ``"raise"`` (:class:`mbn_ref.errors.NonFiniteError`). A
+        non-finite value in any channel skips the whole update (every channel and the
+        counter), like a skipped optimizer step; ``"raise"`` also checks evaluation inputs.
     all_sum
         Synchronized BN (SPEC §5): a collective that sums an array over all shards. Every
         shard calls this function with its own part of the batch (empty parts included) and

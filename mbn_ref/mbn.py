@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from . import _kernels
-from ._array import AllSum, Array, is_python_scalar
+from ._array import AllSum, Array, is_real_scalar
 from ._normalization import (
     NormContext,
     backward,
@@ -161,7 +161,7 @@ def mbn_forward(
         keep_if(xp, ok, _kernels.ema(state.running_var, inf_var, d), state.running_var),
         n + (1 if ok is None else xp.astype(ok, n.dtype)),
     )
-    weight = 1.0 - lam if is_python_scalar(lam) else 1 - xp.astype(lam, b.x.dtype)
+    weight = 1.0 - float(lam) if is_real_scalar(lam) else 1 - xp.astype(lam, b.x.dtype)
     ctx = b.context(mean, rstd, weight, batch_mean, m, all_sum)
     return xp.astype(y, b.dtype, copy=False), new_state, ctx
 

@@ -134,7 +134,7 @@ def test_lam_none_is_rejected():
 @pytest.mark.parametrize("eps", [0.0, -1e-5, float("nan")])
 @pytest.mark.parametrize("kind", list(FORWARDS))
 def test_eps_must_be_positive(kind, eps):
-    with pytest.raises(ValueError, match="eps must be a number > 0"):
+    with pytest.raises(ValueError, match="eps must be a real number > 0"):
         FORWARDS[kind](_x(), eps=eps)
 
 
@@ -370,3 +370,17 @@ def test_init_state_needs_a_positive_integer(bad):
 def test_init_state_rejects_integer_dtype():
     with pytest.raises(TypeError, match="real floating"):
         mr.init_bn_state(3, dtype=np.int64)
+
+
+def test_numpy_scalars_are_validated_like_python_numbers() -> None:
+    """np.float32 hyper-parameters are host scalars: accepted when valid, rejected when not."""
+    x = np.random.default_rng(0).normal(size=(4, 3))
+    y32, _, _ = mr.bn_forward(x, mr.init_bn_state(3), eps=np.float32(1e-5), decay=np.float32(0.9))
+    y, _, _ = mr.bn_forward(x, mr.init_bn_state(3), eps=1e-5, decay=0.9)
+    np.testing.assert_allclose(y32, y, rtol=1e-6)
+    with pytest.raises(ValueError, match="decay"):
+        mr.bn_forward(x, mr.init_bn_state(3), decay=np.float32(1.5))
+    with pytest.raises(ValueError, match="lam"):
+        mr.mbn_forward(x, mr.init_state(3), lam=np.float64(-0.1))
+    with pytest.raises(ValueError, match="eps"):
+        mr.bn_forward(x, None, eps=np.float32(0.0))
