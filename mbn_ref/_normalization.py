@@ -65,6 +65,7 @@ class Batch:
     beta: Array | None
     gamma_dtype: Any
     beta_dtype: Any
+    nonfinite: NonfinitePolicy
 
     def context(
         self,
@@ -146,7 +147,7 @@ def prepare(
     shape = tuple(x.shape)
     ax = normalize_axis(x.ndim, axis, shape)
     check_eps(eps)
-    check_policy(nonfinite)
+    policy = check_policy(nonfinite)
     channels = shape[ax]
     check_state_fields(state, state_names)
     for name, v in [("gamma", gamma), ("beta", beta)]:
@@ -174,6 +175,7 @@ def prepare(
         beta=None if beta is None else xp.astype(beta, cdt, copy=False),
         gamma_dtype=None if gamma is None else gamma.dtype,
         beta_dtype=None if beta is None else beta.dtype,
+        nonfinite=policy,
     )
 
 
@@ -195,14 +197,14 @@ def check_decay_arg(value: Any, name: str, *, allow_none: bool = False) -> None:
         raise ValueError(f"{name} must be a decay in [0, 1], got {value}")
 
 
-def finite_flag(b: Batch, var: Array, nonfinite: NonfinitePolicy) -> Array | None:
+def finite_flag(b: Batch, var: Array) -> Array | None:
     """Apply the ``nonfinite`` policy to a batch's variance (NaN/Inf anywhere in a channel
     makes its variance non-finite). Returns the 0-d "all finite" flag for ``skip_update``."""
-    if nonfinite == "propagate":
+    if b.nonfinite == "propagate":
         return None
     xp = b.xp
     finite = xp.isfinite(var)
-    if nonfinite == "raise":
+    if b.nonfinite == "raise":
         if not bool(xp.all(finite)):
             bad = int(xp.sum(xp.astype(~finite, xp.int64)))
             raise NonFiniteError(
@@ -225,6 +227,27 @@ def cumulative_decay(xp: Namespace, n: Array, dtype: Any) -> Array:
     return nf / (nf + 1)
 
 
+def update_running(
+    xp: Namespace,
+    running_mean: Array,
+    running_var: Array,
+    n: Array,
+    mean: Array,
+    var: Array,
+    decay: Any,
+    ok: Array | None,
+) -> tuple[Array, Array, Array]:
+    """The running (inference) statistics and counter after one batch: BN's running
+    statistics and MBN's inference ones alike. ``decay=None`` is the cumulative average;
+    ``var`` is already under the chosen estimator; ``ok`` is the ``skip_update`` flag."""
+    d = cumulative_decay(xp, n, mean.dtype) if decay is None else decay
+    return (
+        keep_if(xp, ok, _kernels.ema(running_mean, mean, d), running_mean),
+        keep_if(xp, ok, _kernels.ema(running_var, var, d), running_var),
+        n + (1 if ok is None else xp.astype(ok, n.dtype)),
+    )
+
+
 def running_variance(var: Array, count: int, estimator: str) -> Array:
     """The batch variance as it enters running statistics: biased, or ``* m/(m-1)``."""
     if estimator == "unbiased":
@@ -237,22 +260,20 @@ def running_variance(var: Array, count: int, estimator: str) -> Array:
     return var
 
 
-def require_two_values(b: Batch, m: int, shape: tuple[int, ...], why: str) -> None:
+def require_two_values(b: Batch, m: int, why: str) -> None:
     """``ValueError`` for a training batch of one value per channel (SPEC §3); ``m`` is the
     global count under synchronized statistics."""
     if m == 1:
         where = "in total over all shards" if m != b.m else "on axis " + str(b.axis)
         raise ValueError(
             f"expected more than 1 value per channel when training, got input of shape "
-            f"{shape} (1 value per channel {where}): {why}"
+            f"{tuple(b.x.shape)} (1 value per channel {where}): {why}"
         )
 
 
-def eval_forward(
-    b: Batch, mean: Array, var: Array, eps: float, nonfinite: str
-) -> tuple[Array, NormContext]:
+def eval_forward(b: Batch, mean: Array, var: Array, eps: float) -> tuple[Array, NormContext]:
     """Normalize with stored statistics (constants for the backward pass)."""
-    if nonfinite == "raise" and not bool(b.xp.all(b.xp.isfinite(b.x))):
+    if b.nonfinite == "raise" and not bool(b.xp.all(b.xp.isfinite(b.x))):
         raise NonFiniteError("the input holds NaN or Inf (nonfinite='raise')")
     xp = b.xp
     mean = xp.astype(mean, b.x.dtype)
@@ -263,7 +284,7 @@ def eval_forward(
 
 
 def train_statistics(
-    b: Batch, all_sum: AllSum | None, *, lam: Any, why: str, shape: tuple[int, ...]
+    b: Batch, all_sum: AllSum | None, *, lam: Any, why: str
 ) -> tuple[int, Array, Array, Array] | None:
     """The batch's ``(m, mean, var, x - mean)``, global under ``all_sum``; ``None`` when the
     batch (every shard's, under ``all_sum``) is empty.
@@ -274,7 +295,7 @@ def train_statistics(
 
     def check(m: int) -> None:
         if m == 1 and (lam is None or float(lam) == 0.0):
-            require_two_values(b, m, shape, why)
+            require_two_values(b, m, why)
 
     if all_sum is None:
         if b.m == 0:

@@ -25,14 +25,13 @@ from ._normalization import (
     backward,
     check_counter,
     check_decay_arg,
-    cumulative_decay,
     empty_forward,
     eval_forward,
     finite_flag,
-    keep_if,
     prepare,
     running_variance,
     train_statistics,
+    update_running,
 )
 from .conventions import Estimator, validate_estimator
 
@@ -149,35 +148,32 @@ def bn_forward(
     if state is not None:
         check_counter(xp, state.num_batches_tracked)
     if not training and state is not None:
-        y, ctx = eval_forward(b, state.running_mean, state.running_var, eps, nonfinite)
+        y, ctx = eval_forward(b, state.running_mean, state.running_var, eps)
         return y, state, ctx
-    stats = train_statistics(
-        b, all_sum, lam=None, shape=tuple(x.shape), why="batch statistics alone normalize in BN"
-    )
+    stats = train_statistics(b, all_sum, lam=None, why="batch statistics alone normalize in BN")
     if stats is None:
         y, ctx = empty_forward(b)
         return y, state, ctx
     m, mean, var, centered = stats
-    ok = finite_flag(b, var, nonfinite)  # type: ignore[arg-type]
+    ok = finite_flag(b, var)
     rstd = _kernels.inverse_std(xp, var, eps)
     y = _kernels.affine_normalize(xp, centered, b.axis, None, rstd, b.gamma, b.beta)
     ctx = b.context(mean, rstd, 1, mean, m, all_sum)
     if training and state is not None:
-        state = _update(xp, state, mean, running_variance(var, m, estimator), decay, ok)
+        var_r = running_variance(var, m, estimator)
+        state = BNState(
+            *update_running(
+                xp,
+                state.running_mean,
+                state.running_var,
+                state.num_batches_tracked,
+                mean,
+                var_r,
+                decay,
+                ok,
+            )
+        )
     return xp.astype(y, b.dtype, copy=False), state, ctx
-
-
-def _update(
-    xp: Any, state: BNState, mean: Array, var: Array, decay: Any, ok: Array | None
-) -> BNState:
-    n = state.num_batches_tracked
-    d = cumulative_decay(xp, n, mean.dtype) if decay is None else decay
-    inc = 1 if ok is None else xp.astype(ok, n.dtype)
-    return BNState(
-        keep_if(xp, ok, _kernels.ema(state.running_mean, mean, d), state.running_mean),
-        keep_if(xp, ok, _kernels.ema(state.running_var, var, d), state.running_var),
-        n + inc,
-    )
 
 
 def bn_backward(dy: Array, ctx: NormContext) -> tuple[Array, Array | None, Array | None]:

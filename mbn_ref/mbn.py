@@ -29,7 +29,6 @@ from ._normalization import (
     backward,
     check_counter,
     check_decay_arg,
-    cumulative_decay,
     empty_forward,
     eval_forward,
     finite_flag,
@@ -37,6 +36,7 @@ from ._normalization import (
     prepare,
     running_variance,
     train_statistics,
+    update_running,
 )
 from .bn import init_bn_state
 from .conventions import Estimator, validate_estimator
@@ -132,34 +132,33 @@ def mbn_forward(
     xp = b.xp
     check_counter(xp, state.num_batches_tracked)
     if not training:
-        y, ctx = eval_forward(b, state.running_mean, state.running_var, eps, nonfinite)
+        y, ctx = eval_forward(b, state.running_mean, state.running_var, eps)
         return y, state, ctx
-    stats = train_statistics(
-        b,
-        all_sum,
-        lam=lam,
-        shape=tuple(x.shape),
-        why="lam = 0 makes the batch alone normalize",
-    )
+    stats = train_statistics(b, all_sum, lam=lam, why="lam = 0 makes the batch alone normalize")
     if stats is None:
         y, ctx = empty_forward(b)
         return y, state, ctx
     m, batch_mean, batch_var, centered = stats
-    ok = finite_flag(b, batch_var, nonfinite)  # type: ignore[arg-type]
+    ok = finite_flag(b, batch_var)
     moving_mean = _kernels.ema(state.moving_mean, batch_mean, lam)
     moving_var = _kernels.ema(state.moving_var, batch_var, lam)
     mean = xp.astype(moving_mean, b.x.dtype)
     rstd = _kernels.inverse_std(xp, xp.astype(moving_var, b.x.dtype), eps)
     y = _kernels.affine_normalize(xp, centered, b.axis, batch_mean - mean, rstd, b.gamma, b.beta)
-    n = state.num_batches_tracked
-    d = cumulative_decay(xp, n, batch_mean.dtype) if tau is None else tau
-    inf_var = running_variance(batch_var, m, estimator)
+    running = update_running(
+        xp,
+        state.running_mean,
+        state.running_var,
+        state.num_batches_tracked,
+        batch_mean,
+        running_variance(batch_var, m, estimator),
+        tau,
+        ok,
+    )
     new_state = MBNState(
         keep_if(xp, ok, moving_mean, state.moving_mean),
         keep_if(xp, ok, moving_var, state.moving_var),
-        keep_if(xp, ok, _kernels.ema(state.running_mean, batch_mean, d), state.running_mean),
-        keep_if(xp, ok, _kernels.ema(state.running_var, inf_var, d), state.running_var),
-        n + (1 if ok is None else xp.astype(ok, n.dtype)),
+        *running,
     )
     weight = 1.0 - float(lam) if is_real_scalar(lam) else 1 - xp.astype(lam, b.x.dtype)
     ctx = b.context(mean, rstd, weight, batch_mean, m, all_sum)
