@@ -144,7 +144,6 @@ def specs() -> Iterator[Spec]:
 def _step_params(spec: Spec, k: int) -> dict[str, Any]:
     """The decays of training step ``k`` (0-indexed)."""
     total = TRAIN_STEPS
-    m_per_channel = spec.n * int(np.prod(SHAPES[spec.layout][0])) // _channels(spec)
     if spec.lam == "eq11":  # per-step use of Eq. 11 with T = the trajectory's length
         lam = schedules.mbn_lambda(
             k + 1, total_epochs=total, batch_size=spec.n, ideal_batch_size=32
@@ -161,14 +160,7 @@ def _step_params(spec: Spec, k: int) -> dict[str, Any]:
         decay = schedules.linear(0.5, 0.99, total - 1)(k)
     else:
         decay = None if spec.decay is None else float(spec.decay)
-    del m_per_channel
     return {"training": True, "decay": decay, "lam": lam, "tau": tau}
-
-
-def _channels(spec: Spec) -> int:
-    rest, axis = SHAPES[spec.layout]
-    shape = (spec.n, *rest)
-    return shape[axis]
 
 
 def _seed(spec: Spec) -> int:
