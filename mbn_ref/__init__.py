@@ -20,15 +20,20 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+from ._normalization import backward  # noqa: E402
 from .bn import BNState, bn_backward, bn_forward, init_bn_state  # noqa: E402
+from .context import ContextStatic, NormContext  # noqa: E402
 from .errors import NonFiniteError  # noqa: E402
 from .mbn import MBNState, init_state, mbn_backward, mbn_forward  # noqa: E402
 
 __all__ = [
     "BNState",
+    "ContextStatic",
     "MBNState",
     "NonFiniteError",
+    "NormContext",
     "__version__",
+    "backward",
     "bn_backward",
     "bn_forward",
     "conventions",

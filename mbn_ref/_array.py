@@ -1,13 +1,13 @@
 """Array API plumbing shared by the core: namespaces, dtypes, channel axes, broadcasting.
 
 Nothing here is math; it is the glue that lets the same functions run on NumPy, CuPy,
-PyTorch tensors and ``array-api-strict`` (SPEC §7: statistics accumulate in at least float32,
-results come back in the input dtype, arrays are created on the input's device).
+PyTorch tensors, JAX and ``array-api-strict``, or on any namespace handed in as ``xp``
+(docs/spec.md §7: statistics accumulate in at least float32, results come back in the input
+dtype, arrays are created on the input's device).
 """
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Callable
 from typing import Any
@@ -34,11 +34,18 @@ def namespace(*arrays: Any) -> Namespace:
 
 
 def resolve_namespace(xp: Any | None) -> Namespace:
-    """Turn a user's ``xp`` (``None``, ``numpy``, ``torch``, a compat namespace, ...) into an
-    Array API namespace; ``None`` means NumPy."""
+    """Turn a user's ``xp`` into an Array API namespace; ``None`` means NumPy.
+
+    Array libraries that array-api-compat knows (``numpy``, ``torch``, ``cupy``,
+    ``jax.numpy``, their compat namespaces) are wrapped as array-api-compat does; any other
+    namespace (e.g. an adapter's namespace over TensorFlow ops) is used as it is.
+    """
     if xp is None:
         xp = np
-    return array_api_compat.array_namespace(xp.asarray(0.0))
+    try:
+        return array_api_compat.array_namespace(xp.asarray(0.0))
+    except TypeError:
+        return xp
 
 
 def device_of(x: Array) -> Any:
@@ -47,7 +54,7 @@ def device_of(x: Array) -> Any:
 
 
 def check_float_input(xp: Namespace, x: Array, name: str = "x") -> None:
-    """``TypeError`` unless ``x`` has a real floating dtype (SPEC §9)."""
+    """``TypeError`` unless ``x`` has a real floating dtype (docs/spec.md §9)."""
     if not xp.isdtype(x.dtype, "real floating"):
         raise TypeError(
             f"{name} must have a real floating dtype (float16, bfloat16, float32, float64), "
@@ -56,7 +63,7 @@ def check_float_input(xp: Namespace, x: Array, name: str = "x") -> None:
 
 
 def compute_dtype(xp: Namespace, dtype: Any) -> Any:
-    """Accumulation dtype for inputs of ``dtype``: at least float32 (SPEC §7)."""
+    """Accumulation dtype for inputs of ``dtype``: at least float32 (docs/spec.md §7)."""
     if xp.finfo(dtype).bits < 32:
         return xp.float32
     return dtype
@@ -69,7 +76,10 @@ def default_float_dtype(xp: Namespace, device: Any = None) -> Any:
 
 
 def normalize_axis(ndim: int, axis: int, shape: tuple[int, ...]) -> int:
-    """Channel axis as a non-negative index; ``ValueError`` for a bad rank or axis (SPEC §9)."""
+    """Channel axis as a non-negative index; ``ValueError`` for a bad rank or axis.
+
+    See docs/spec.md §9.
+    """
     if ndim < 2:
         raise ValueError(
             f"batch normalization needs an input with at least 2 dims (batch, channels, ...), "
@@ -85,9 +95,37 @@ def reduce_axes(ndim: int, axis: int) -> tuple[int, ...]:
     return tuple(i for i in range(ndim) if i != axis)
 
 
-def reduced_count(shape: tuple[int, ...], axis: int) -> int:
-    """Number of elements per channel, ``m`` (N times the spatial size)."""
-    return math.prod(s for i, s in enumerate(shape) if i != axis)
+def is_array(v: Any) -> bool:
+    """Whether ``v`` is an array.
+
+    As opposed to a host number (Python, NumPy scalar) or a framework's symbolic integer
+    (which tracers such as torch.compile's report as ``int``).
+    """
+    if isinstance(v, (numbers.Number, np.generic)):
+        return False
+    return hasattr(v, "shape") and hasattr(v, "dtype")
+
+
+def reduced_count(xp: Namespace, x: Array, axis: int, dtype: Any) -> int | Array:
+    """Values per channel, ``m`` (N times the spatial size).
+
+    A Python integer (or a framework's symbolic integer) when the static shape has every
+    dimension. A dimension of ``None`` (a batch size known only at run time, as under
+    ``tf.function``) gives a 0-d array of ``dtype``, counted on one channel's slice.
+    """
+    count = 1
+    known = True
+    for i, size in enumerate(x.shape):
+        if i == axis:
+            continue
+        if size is None:
+            known = False
+        else:
+            count *= size
+    if known or count == 0:
+        return count
+    index = tuple(slice(0, 1) if i == axis else slice(None) for i in range(x.ndim))
+    return xp.sum(xp.ones_like(x[index], dtype=dtype))
 
 
 def as_channel(xp: Namespace, v: Array, ndim: int, axis: int) -> Array:
@@ -95,9 +133,3 @@ def as_channel(xp: Namespace, v: Array, ndim: int, axis: int) -> Array:
     shape = [1] * ndim
     shape[axis] = -1
     return xp.reshape(v, tuple(shape))
-
-
-def is_real_scalar(v: Any) -> bool:
-    """A real number given as a host scalar (Python or NumPy), as opposed to an array: what
-    the core can validate without a device sync."""
-    return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))

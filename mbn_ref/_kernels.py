@@ -19,7 +19,7 @@ from typing import Any
 
 import array_api_compat
 
-from ._array import AllSum, Array, Namespace, as_channel, device_of
+from ._array import AllSum, Array, Namespace, as_channel, device_of, is_array
 
 
 def _as_3d(xp: Namespace, a: Array, axis: int) -> Array:
@@ -47,41 +47,64 @@ def channel_dot(
     return xp.sum(a if b is None else a * b, axis=axes)
 
 
+def at_least_one(xp: Namespace, count: int | Array) -> int | Array:
+    """``max(count, 1)``: the divisor of a mean that is 0 for no values.
+
+    A count is an int, a framework's symbolic int, or a 0-d array when known only at run
+    time.
+    """
+    if is_array(count):
+        return xp.maximum(count, xp.ones_like(count))
+    return max(count, 1)
+
+
 def batch_moments(
     xp: Namespace,
     x: Array,
     axis: int,
     axes: tuple[int, ...],
-    m: int,
+    m: int | Array,
     all_sum: AllSum | None = None,
-) -> tuple[int, Array, Array, Array]:
+) -> tuple[int | Array, Array, Array, Array]:
     """Per-channel count, mean, biased variance, and the centered data ``x - mean``.
 
     Two-pass (mean first, then the mean of squared deviations), which stays accurate for
-    offset data where ``E[x^2] - E[x]^2`` loses every digit (SPEC §7). With ``all_sum`` (a
-    sum across shards, SPEC §5) both passes are global: the shards first sum their counts
+    offset data where ``E[x^2] - E[x]^2`` loses every digit (docs/spec.md §7). With ``all_sum`` (a
+    sum across shards, docs/spec.md §5) both passes are global: the shards first sum their counts
     and sums, then their squared deviations from the global mean, so empty shards contribute
     exact zeros and the result is the single-device two-pass up to summation order. The
     count is then the global ``n``, read on the host (one sync per step, like PyTorch's
-    ``SyncBatchNorm``); with ``n = 0`` the mean and variance are zeros. ``centered`` is a
+    ``SyncBatchNorm``) unless the local count is itself an array (known only at run time),
+    when it stays one; with ``n = 0`` the mean and variance are zeros. ``centered`` is a
     new array the caller may overwrite.
     """
     total = channel_dot(xp, x, None, axis, axes)
     if all_sum is not None:
-        local_m = xp.asarray([m], dtype=x.dtype, device=device_of(x))
+        local_m = xp.reshape(xp.astype(xp.asarray(m, device=device_of(x)), x.dtype), (1,))
         totals = all_sum(xp.concat([total, local_m]))
-        m = round(float(totals[-1]))
+        m = totals[-1] if is_array(m) else round(float(totals[-1]))
         total = totals[:-1]
-    mean = total / max(m, 1)
+    divisor = at_least_one(xp, m)
+    mean = total / divisor
     centered = x - as_channel(xp, mean, x.ndim, axis)
     squares = channel_dot(xp, centered, centered, axis, axes)
     if all_sum is not None:
         squares = all_sum(squares)
-    return m, mean, squares / max(m, 1), centered
+    return m, mean, squares / divisor, centered
+
+
+def unbiased_factor(xp: Namespace, count: int | Array) -> int | float | Array:
+    """Bessel's correction ``m/(m-1)``, for a host or an array count.
+
+    It turns a biased variance over ``m`` values into the unbiased one (``m = 1`` gives 1:
+    callers that can check reject it first). The one place of the formula:
+    :func:`mbn_ref.conventions.unbiased_factor` validates a host count and calls it.
+    """
+    return count / at_least_one(xp, count - 1)
 
 
 def inverse_std(xp: Namespace, var: Array, eps: float) -> Array:
-    """``1 / sqrt(var + eps)``: eps inside the square root (SPEC §1)."""
+    """``1 / sqrt(var + eps)``: eps inside the square root (docs/spec.md §1)."""
     return 1.0 / xp.sqrt(var + eps)
 
 
@@ -129,9 +152,9 @@ def normalize_backward(
     mean: Array,
     rstd: Array,
     gamma: Array | None,
-    stats_weight: Any,
+    stats_weight: Array,
     batch_mean: Array | None,
-    count: int,
+    count: int | Array,
     all_sum: AllSum | None = None,
 ) -> tuple[Array, Array, Array]:
     """Gradients of ``y = gamma * (x - mean) * rstd + beta`` for BN and MBN (Eq. 13, corrected).
@@ -165,7 +188,7 @@ def normalize_backward(
             totals = all_sum(xp.concat([sum_dy, sum_dy_xhat]))
             g_sum, g_xhat_sum = totals[:c], totals[c:]
         k1, k0 = stats_coefficients(
-            mean, rstd, scale, stats_weight, batch_mean, g_sum, g_xhat_sum, count
+            xp, mean, rstd, scale, stats_weight, batch_mean, g_sum, g_xhat_sum, count
         )
         centered *= as_channel(xp, k1 * rstd, ndim, axis)  # k1 * xhat
         dx -= centered
@@ -174,14 +197,15 @@ def normalize_backward(
 
 
 def stats_coefficients(
+    xp: Namespace,
     mean: Array,
     rstd: Array,
     scale: Array,
-    stats_weight: Any,
+    stats_weight: Array,
     batch_mean: Array,
     sum_dy: Array,
     sum_dy_xhat: Array,
-    count: int,
+    count: int | Array,
 ) -> tuple[Array, Array]:
     """The part of ``dx`` that flows through the batch statistics ``mu_B`` and ``var_B``.
 
@@ -190,7 +214,7 @@ def stats_coefficients(
     ``k0 = w*scale*(sum(dy) + (mean - mu_B)*rstd*sum(dy*xhat))/m``. ``count`` and the sums are
     global ones in synchronized BN.
     """
-    coef = stats_weight * scale / count
+    coef = stats_weight * scale / at_least_one(xp, count)
     k1 = coef * sum_dy_xhat
     k0 = coef * (sum_dy + (mean - batch_mean) * rstd * sum_dy_xhat)
     return k1, k0

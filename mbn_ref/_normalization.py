@@ -1,11 +1,13 @@
-"""What BN and MBN share around the math: argument checks, dtype handling, the backward
-context, and the ``nonfinite`` policy (SPEC §7, §9)."""
+"""What BN and MBN share around the math (docs/spec.md §7, §9).
+
+Argument checks, dtype handling, the backward context, and the ``nonfinite`` policy.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 from . import _kernels
 from ._array import (
@@ -16,38 +18,18 @@ from ._array import (
     check_float_input,
     compute_dtype,
     device_of,
-    is_real_scalar,
+    is_array,
     namespace,
     normalize_axis,
     reduce_axes,
     reduced_count,
 )
+from ._validate import check_positive, is_real_scalar
+from .context import NormContext
 from .errors import NonFiniteError
 
 NonfinitePolicy = Literal["propagate", "skip_update", "raise"]
 NONFINITE_POLICIES: tuple[NonfinitePolicy, ...] = ("propagate", "skip_update", "raise")
-
-
-class NormContext(NamedTuple):
-    """What the backward pass needs from a forward pass (opaque to users).
-
-    ``mean``/``rstd`` are the per-channel statistics that normalized ``x``; ``stats_weight``
-    is how strongly they depend on the batch (``1 - lam``; 0 in evaluation) and
-    ``batch_mean`` the batch's own mean (``None`` when the statistics are constants).
-    """
-
-    x: Array  # in the compute dtype
-    dtype: Any  # the caller's dtype of x, which dx comes back in
-    axis: int
-    mean: Array
-    rstd: Array
-    gamma: Array | None
-    gamma_dtype: Any
-    beta_dtype: Any
-    stats_weight: Any
-    batch_mean: Array | None
-    m: int
-    all_sum: AllSum | None = None
 
 
 @dataclass(frozen=True)
@@ -56,10 +38,10 @@ class Batch:
 
     xp: Namespace
     x: Array  # in the compute dtype
-    dtype: Any  # the caller's dtype, which outputs come back in
+    x_in: Array  # the caller's array, which the backward context keeps
     axis: int
     axes: tuple[int, ...]
-    m: int
+    m: int | Array  # an array when the batch size is known only at run time
     channels: int
     gamma: Array | None
     beta: Array | None
@@ -67,35 +49,44 @@ class Batch:
     beta_dtype: Any
     nonfinite: NonfinitePolicy
 
+    @property
+    def dtype(self) -> Any:
+        """The caller's dtype, which outputs come back in."""
+        return self.x_in.dtype
+
+    def scalar(self, value: Any) -> Array:
+        """``value`` (a host number or a 0-d array) as a 0-d array of the compute dtype."""
+        if is_array(value):
+            return self.xp.astype(value, self.x.dtype)
+        return self.xp.asarray(value, dtype=self.x.dtype, device=device_of(self.x))
+
     def context(
         self,
         mean: Array,
         rstd: Array,
-        stats_weight: Any,
+        stats_weight: Array,
         batch_mean: Array | None,
-        m: int | None = None,
+        m: int | Array | None = None,
         all_sum: AllSum | None = None,
     ) -> NormContext:
         return NormContext(
-            self.x,
-            self.dtype,
-            self.axis,
-            mean,
-            rstd,
-            self.gamma,
-            self.gamma_dtype,
-            self.beta_dtype,
-            stats_weight,
-            batch_mean,
-            self.m if m is None else m,
-            all_sum,
+            x=self.x_in,
+            mean=mean,
+            rstd=rstd,
+            gamma=self.gamma,
+            stats_weight=stats_weight,
+            batch_mean=batch_mean,
+            count=self.m if m is None else m,
+            axis=self.axis,
+            gamma_dtype=self.gamma_dtype,
+            beta_dtype=self.beta_dtype,
+            all_sum=all_sum,
         )
 
 
 def check_eps(eps: float) -> float:
-    if not is_real_scalar(eps) or not eps > 0:
-        raise ValueError(f"eps must be a real number > 0, got {eps!r}")
-    return float(eps)
+    """``eps`` as a float: a finite host real ``> 0`` (docs/spec.md §9)."""
+    return check_positive("eps", eps)
 
 
 def check_policy(nonfinite: str) -> NonfinitePolicy:
@@ -114,8 +105,10 @@ def check_channels(name: str, v: Array, channels: int, shape: tuple[int, ...], a
 
 
 def check_state_fields(state: Sequence[Array], names: Sequence[str]) -> None:
-    """``ValueError`` naming the missing/unexpected keys when ``state`` is not the expected
-    NamedTuple (e.g. a BN state handed to MBN), SPEC §9."""
+    """``ValueError`` naming the missing/unexpected keys for a wrong state (docs/spec.md §9).
+
+    Raised when ``state`` is not the expected NamedTuple (e.g. a BN state handed to MBN).
+    """
     fields = getattr(state, "_fields", None)
     if fields is None:
         if len(state) != len(names):
@@ -140,9 +133,15 @@ def prepare(
     nonfinite: str,
     state: Sequence[Array] = (),
     state_names: Sequence[str] = (),
+    xp: Namespace | None = None,
 ) -> Batch:
-    """Validate a forward call's arguments and bring them into the compute dtype."""
-    xp = namespace(x, gamma, beta, *state)
+    """Validate a forward call's arguments and bring them into the compute dtype.
+
+    ``xp=None`` finds the namespace of the arrays with array-api-compat; an explicit ``xp``
+    is used as it is (a namespace array-api-compat does not know, e.g. over TensorFlow ops).
+    """
+    if xp is None:
+        xp = namespace(x, gamma, beta, *state)
     check_float_input(xp, x)
     shape = tuple(x.shape)
     ax = normalize_axis(x.ndim, axis, shape)
@@ -158,7 +157,7 @@ def prepare(
         if name == "num_batches_tracked":
             continue  # check_counter
         check_channels(name, v, channels, shape, ax)
-        if not xp.isdtype(v.dtype, "real floating"):  # SPEC §9: ValueError naming the key
+        if not xp.isdtype(v.dtype, "real floating"):  # docs/spec.md §9: ValueError naming the key
             raise ValueError(
                 f"state field {name} has dtype {v.dtype}; expected a real floating dtype"
             )
@@ -166,10 +165,10 @@ def prepare(
     return Batch(
         xp=xp,
         x=xp.astype(x, cdt, copy=False),
-        dtype=x.dtype,
+        x_in=x,
         axis=ax,
         axes=reduce_axes(x.ndim, ax),
-        m=reduced_count(shape, ax),
+        m=reduced_count(xp, x, ax, cdt),
         channels=channels,
         gamma=None if gamma is None else xp.astype(gamma, cdt, copy=False),
         beta=None if beta is None else xp.astype(beta, cdt, copy=False),
@@ -187,19 +186,12 @@ def check_counter(xp: Namespace, n: Array) -> None:
         )
 
 
-def check_decay_arg(value: Any, name: str, *, allow_none: bool = False) -> None:
-    """Python numbers are checked here; arrays (runtime state) are the caller's to keep valid."""
-    if value is None:
-        if not allow_none:
-            raise ValueError(f"{name} must be a decay in [0, 1], got None")
-        return
-    if is_real_scalar(value) and not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"{name} must be a decay in [0, 1], got {value}")
-
-
 def finite_flag(b: Batch, var: Array) -> Array | None:
-    """Apply the ``nonfinite`` policy to a batch's variance (NaN/Inf anywhere in a channel
-    makes its variance non-finite). Returns the 0-d "all finite" flag for ``skip_update``."""
+    """Apply the ``nonfinite`` policy to a batch's variance.
+
+    NaN/Inf anywhere in a channel makes its variance non-finite. Returns the 0-d "all
+    finite" flag for ``skip_update``.
+    """
     if b.nonfinite == "propagate":
         return None
     xp = b.xp
@@ -227,6 +219,20 @@ def cumulative_decay(xp: Namespace, n: Array, dtype: Any) -> Array:
     return nf / (nf + 1)
 
 
+def update_flag(b: Batch, var: Array, m: int | Array) -> Array | None:
+    """The 0-d "this batch updates the state" flag, or ``None`` when it always does.
+
+    It combines the ``nonfinite`` policy's flag (``skip_update``) with ``m > 0`` when the
+    count is an array (known only at run time): an empty batch then leaves the state
+    unchanged through selects rather than an early return (docs/spec.md §9).
+    """
+    ok = finite_flag(b, var)
+    if is_array(m):
+        has_values = m > 0
+        ok = has_values if ok is None else b.xp.logical_and(ok, has_values)
+    return ok
+
+
 def update_running(
     xp: Namespace,
     running_mean: Array,
@@ -237,9 +243,12 @@ def update_running(
     decay: Any,
     ok: Array | None,
 ) -> tuple[Array, Array, Array]:
-    """The running (inference) statistics and counter after one batch: BN's running
-    statistics and MBN's inference ones alike. ``decay=None`` is the cumulative average;
-    ``var`` is already under the chosen estimator; ``ok`` is the ``skip_update`` flag."""
+    """The running (inference) statistics and counter after one batch.
+
+    BN's running statistics and MBN's inference ones alike. ``decay=None`` is the
+    cumulative average; ``var`` is already under the chosen estimator; ``ok`` is
+    :func:`update_flag`'s.
+    """
     d = cumulative_decay(xp, n, mean.dtype) if decay is None else decay
     return (
         keep_if(xp, ok, _kernels.ema(running_mean, mean, d), running_mean),
@@ -248,21 +257,27 @@ def update_running(
     )
 
 
-def running_variance(var: Array, count: int, estimator: str) -> Array:
-    """The batch variance as it enters running statistics: biased, or ``* m/(m-1)``."""
+def running_variance(xp: Namespace, var: Array, count: int | Array, estimator: str) -> Array:
+    """The batch variance as it enters running statistics: biased, or ``* m/(m-1)``.
+
+    With a count known only at run time the ``m >= 2`` check cannot raise; ``m = 1`` then
+    enters as the biased variance (docs/spec.md §9).
+    """
     if estimator == "unbiased":
-        if count < 2:
+        if not is_array(count) and count < 2:
             raise ValueError(
                 "the unbiased running-variance estimator needs at least 2 values per channel, "
                 f"got {count}; use estimator='biased' or a larger batch"
             )
-        return var * (count / (count - 1))
+        return var * _kernels.unbiased_factor(xp, count)
     return var
 
 
 def require_two_values(b: Batch, m: int, why: str) -> None:
-    """``ValueError`` for a training batch of one value per channel (SPEC §3); ``m`` is the
-    global count under synchronized statistics."""
+    """``ValueError`` for a training batch of one value per channel (docs/spec.md §3).
+
+    ``m`` is the global count under synchronized statistics.
+    """
     if m == 1:
         where = "in total over all shards" if m != b.m else "on axis " + str(b.axis)
         raise ValueError(
@@ -280,67 +295,120 @@ def eval_forward(b: Batch, mean: Array, var: Array, eps: float) -> tuple[Array, 
     rstd = _kernels.inverse_std(xp, xp.astype(var, b.x.dtype), eps)
     centered = b.x - as_channel(xp, mean, b.x.ndim, b.axis)
     y = _kernels.affine_normalize(xp, centered, b.axis, None, rstd, b.gamma, b.beta)
-    return xp.astype(y, b.dtype, copy=False), b.context(mean, rstd, 0, None)
+    return xp.astype(y, b.dtype, copy=False), b.context(mean, rstd, b.scalar(0.0), None)
+
+
+def _is_empty(m: int | Array) -> bool:
+    return not is_array(m) and m == 0
 
 
 def train_statistics(
     b: Batch, all_sum: AllSum | None, *, lam: Any, why: str
-) -> tuple[int, Array, Array, Array] | None:
-    """The batch's ``(m, mean, var, x - mean)``, global under ``all_sum``; ``None`` when the
-    batch (every shard's, under ``all_sum``) is empty.
+) -> tuple[int | Array, Array, Array, Array] | None:
+    """The batch's ``(m, mean, var, x - mean)``, global under ``all_sum``.
 
-    One value per channel is rejected unless ``lam > 0`` (MBN normalizing with history;
-    ``lam=None`` for BN). ``lam`` is read on the host only in that rare case.
+    ``None`` when the batch (every shard's, under ``all_sum``) is known to be empty.
+
+    One value per channel is rejected when the batch alone normalizes: BN (``lam=None``) and
+    MBN with a host ``lam`` of 0. A ``lam`` held as an array (runtime state) is never read on
+    the host, and a count known only at run time cannot be checked: neither raises.
     """
 
-    def check(m: int) -> None:
-        if m == 1 and (lam is None or float(lam) == 0.0):
+    def check(m: int | Array) -> None:
+        if is_array(m) or m != 1:
+            return
+        if lam is None or (is_real_scalar(lam) and float(lam) == 0.0):
             require_two_values(b, m, why)
 
     if all_sum is None:
-        if b.m == 0:
+        if _is_empty(b.m):
             return None
         check(b.m)
     m, mean, var, centered = _kernels.batch_moments(b.xp, b.x, b.axis, b.axes, b.m, all_sum)
-    if m == 0:
+    if _is_empty(m):
         return None
     check(m)
     return m, mean, var, centered
 
 
 def empty_forward(b: Batch) -> tuple[Array, NormContext]:
-    """Output and context for a batch with no values per channel (SPEC §9: state unchanged)."""
+    """Output and context for a batch with no values per channel.
+
+    The state is unchanged (docs/spec.md §9).
+    """
     xp = b.xp
     zeros = xp.zeros((b.channels,), dtype=b.x.dtype, device=device_of(b.x))
-    return xp.astype(b.x, b.dtype), b.context(zeros, zeros + 1, 0, None)
+    return xp.astype(b.x, b.dtype), b.context(zeros, zeros + 1, b.scalar(0.0), None)
 
 
-def backward(dy: Array, ctx: NormContext) -> tuple[Array, Array | None, Array | None]:
-    """``(dx, dgamma, dbeta)`` for a forward pass's context; ``None`` for absent parameters."""
-    xp = namespace(dy, ctx.x)
+def backward(
+    dy: Array, ctx: NormContext, *, xp: Namespace | None = None
+) -> tuple[Array, Array | None, Array | None]:
+    """Gradients ``(dx, dgamma, dbeta)`` of a BN or MBN forward pass, from its context.
+
+    One backward serves both (docs/spec.md §2, §3; derivation in
+    ``docs/derivations/backward.md``): the context says how strongly the statistics depend
+    on the batch. With ``g = gamma*dy``, ``xhat = (x - mean)*rstd`` and ``w`` the context's
+    ``stats_weight`` (``1 - lam`` in MBN training, 1 in BN training, 0 in evaluation)::
+
+        dx_i = rstd * (g_i - w/m * (sum(g) + (x_i - mu_B)*rstd*sum(g*xhat)))
+
+    The printed Eq. 13 has ``(xhat_i - mu_M)`` where ``(x_i - mu_M)`` belongs (erratum 1).
+
+    Parameters
+    ----------
+    dy : array
+        The gradient of the loss with respect to the forward output ``y``; same shape as
+        the forward input, any real floating dtype.
+    ctx : NormContext
+        The context the forward call returned (or :meth:`NormContext.join` rebuilt).
+    xp : namespace, optional
+        The Array API namespace of ``dy`` and the context's arrays; by default found with
+        array-api-compat.
+
+    Returns
+    -------
+    dx : array
+        In the forward input's dtype; float16/bfloat16 are computed in float32.
+    dgamma, dbeta : array or None
+        ``sum(dy * xhat)`` and ``sum(dy)`` per channel, in the parameters' dtypes; ``None``
+        for a parameter the forward call did not have. Under synchronized statistics these
+        are this shard's sums (the data-parallel engine reduces them).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import mbn_ref as mr
+    >>> x = np.random.default_rng(0).normal(size=(8, 3))
+    >>> y, state, ctx = mr.mbn_forward(x, mr.init_state(3), np.ones(3), np.zeros(3), lam=0.5)
+    >>> dx, dgamma, dbeta = mr.backward(np.ones_like(y), ctx)
+    >>> dx.shape, dgamma.shape, dbeta.tolist()
+    ((8, 3), (3,), [8.0, 8.0, 8.0])
+    """
+    if xp is None:
+        xp = namespace(dy, ctx.x)
     check_float_input(xp, dy, "dy")
     if tuple(dy.shape) != tuple(ctx.x.shape):
         raise ValueError(
             f"dy has shape {tuple(dy.shape)}, expected the forward input's {tuple(ctx.x.shape)}"
         )
-    dyc = xp.astype(dy, ctx.x.dtype, copy=False)
-    axes = reduce_axes(dyc.ndim, ctx.axis)
+    cdt = ctx.mean.dtype  # the compute dtype: the input's, at least float32
     dx, dgamma, dbeta = _kernels.normalize_backward(
         xp,
-        dyc,
-        ctx.x,
+        xp.astype(dy, cdt, copy=False),
+        xp.astype(ctx.x, cdt, copy=False),
         ctx.axis,
-        axes,
+        reduce_axes(ctx.x.ndim, ctx.axis),
         ctx.mean,
         ctx.rstd,
         ctx.gamma,
         ctx.stats_weight,
         ctx.batch_mean,
-        ctx.m,
+        ctx.count,
         ctx.all_sum,
     )
     return (
-        xp.astype(dx, ctx.dtype, copy=False),
+        xp.astype(dx, ctx.x.dtype, copy=False),
         None if ctx.gamma_dtype is None else xp.astype(dgamma, ctx.gamma_dtype, copy=False),
         None if ctx.beta_dtype is None else xp.astype(dbeta, ctx.beta_dtype, copy=False),
     )

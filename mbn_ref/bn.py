@@ -1,4 +1,4 @@
-"""Batch normalization with running statistics in every convention (SPEC §2).
+"""Batch normalization with running statistics in every convention (docs/spec.md §2).
 
 >>> import numpy as np
 >>> import mbn_ref as mr
@@ -19,20 +19,20 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from . import _kernels
-from ._array import AllSum, Array, default_float_dtype, resolve_namespace
+from ._array import AllSum, Array, Namespace, default_float_dtype, resolve_namespace
 from ._normalization import (
-    NormContext,
     backward,
     check_counter,
-    check_decay_arg,
     empty_forward,
     eval_forward,
-    finite_flag,
     prepare,
     running_variance,
     train_statistics,
+    update_flag,
     update_running,
 )
+from ._validate import check_decay_arg
+from .context import NormContext
 from .conventions import Estimator, validate_estimator
 
 __all__ = ["BNState", "bn_backward", "bn_forward", "init_bn_state"]
@@ -58,9 +58,33 @@ def init_bn_state(
 ) -> BNState:
     """Fresh running statistics: mean 0, variance 1, no batches tracked.
 
-    ``xp`` is any Array API namespace or array library (default NumPy); ``dtype`` defaults
-    to the namespace's default real floating dtype.
+    Parameters
+    ----------
+    num_features : int
+        The number of channels C, a positive integer.
+    xp : namespace or module, optional
+        Any Array API namespace or array library (default NumPy).
+    dtype : dtype, optional
+        A real floating dtype of ``xp``; defaults to the namespace's default real floating
+        dtype.
+    device : device, optional
+        Where the arrays are created (the namespace's default when ``None``).
 
+    Returns
+    -------
+    BNState
+        ``running_mean`` zeros and ``running_var`` ones of shape ``(num_features,)``, and a
+        0-d ``int64`` ``num_batches_tracked`` of 0.
+
+    Raises
+    ------
+    ValueError
+        ``num_features`` is not a positive integer.
+    TypeError
+        ``dtype`` is not a real floating dtype.
+
+    Examples
+    --------
     >>> init_bn_state(2).running_var.tolist()
     [1.0, 1.0]
     """
@@ -90,6 +114,7 @@ def bn_forward(
     estimator: Estimator = "biased",
     nonfinite: str = "propagate",
     all_sum: AllSum | None = None,
+    xp: Namespace | None = None,
 ) -> tuple[Array, BNState | None, NormContext]:
     """Batch normalization: ``y = gamma * (x - mu) / sqrt(var + eps) + beta``.
 
@@ -121,16 +146,23 @@ def bn_forward(
         non-finite value in any channel skips the whole update (every channel and the
         counter), like a skipped optimizer step; ``"raise"`` also checks evaluation inputs.
     all_sum
-        Synchronized BN (SPEC §5): a collective that sums an array over all shards. Every
+        Synchronized BN (docs/spec.md §5): a collective that sums an array over all shards. Every
         shard calls this function with its own part of the batch (empty parts included) and
         normalizes with the global statistics; each shard's state receives the same update.
         See :mod:`mbn_ref.distributed`.
+    xp
+        The Array API namespace of the arrays; by default found with array-api-compat. An
+        explicit namespace is used as it is (e.g. an adapter's namespace over TensorFlow ops,
+        which array-api-compat does not know).
 
     Returns
     -------
-    y, state, ctx
-        The output in ``x``'s dtype, the new state (the same object when nothing changed) and
-        the context for :func:`bn_backward`.
+    y
+        The output, in ``x``'s dtype, namespace and device.
+    state
+        The new state (the same object when nothing changed: evaluation, an empty batch).
+    ctx
+        The :class:`mbn_ref.NormContext` for :func:`mbn_ref.backward`.
     """
     b = prepare(
         x,
@@ -141,8 +173,9 @@ def bn_forward(
         nonfinite=nonfinite,
         state=() if state is None else state,
         state_names=() if state is None else _STATE_FIELDS,
+        xp=xp,
     )
-    check_decay_arg(decay, "decay", allow_none=True)
+    check_decay_arg("decay", decay, allow_none=True)
     validate_estimator(estimator)
     xp = b.xp
     if state is not None:
@@ -155,12 +188,12 @@ def bn_forward(
         y, ctx = empty_forward(b)
         return y, state, ctx
     m, mean, var, centered = stats
-    ok = finite_flag(b, var)
+    ok = update_flag(b, var, m)
     rstd = _kernels.inverse_std(xp, var, eps)
     y = _kernels.affine_normalize(xp, centered, b.axis, None, rstd, b.gamma, b.beta)
-    ctx = b.context(mean, rstd, 1, mean, m, all_sum)
+    ctx = b.context(mean, rstd, b.scalar(1.0), mean, m, all_sum)
     if training and state is not None:
-        var_r = running_variance(var, m, estimator)
+        var_r = running_variance(xp, var, m, estimator)
         state = BNState(
             *update_running(
                 xp,
@@ -176,10 +209,5 @@ def bn_forward(
     return xp.astype(y, b.dtype, copy=False), state, ctx
 
 
-def bn_backward(dy: Array, ctx: NormContext) -> tuple[Array, Array | None, Array | None]:
-    """Gradients ``(dx, dgamma, dbeta)`` of :func:`bn_forward` (``None`` for absent params).
-
-    In training ``dx_i = gamma*rstd/m * (m*dy_i - sum(dy) - xhat_i*sum(dy*xhat))``; in
-    evaluation the statistics are constants and ``dx = gamma*rstd*dy``.
-    """
-    return backward(dy, ctx)
+bn_backward = backward
+"""Alias of :func:`mbn_ref.backward` (one backward serves BN and MBN)."""

@@ -4,12 +4,21 @@ Subcommands (the set grows; ``reproduce`` is planned):
 
 - ``mbn-ref schedule``: the paper's Eq. 11 training decay ``lam`` per epoch and Eq. 12
   inference decay ``tau`` for a batch size, as a table (and optionally JSON).
-- ``mbn-ref conformance``: the conformance suite against an implementation (implemented in
-  :mod:`mbn_conformance.cli`, registered lazily: the core never imports the suite at module
-  level, and without it the subcommand says so).
+- subcommands from **plugins**: each entry point of the group ``mbn_ref.commands`` (like
+  pytest's ``pytest11``) adds the subcommand named after it. Its object is a function
+  ``register(subparsers)`` that adds a parser of that name to an ``add_subparsers()`` object
+  and sets the default ``run``, a function ``run(args) -> int`` (the exit status). mbn-ref
+  itself declares ``conformance = "mbn_conformance.cli:register"``, so ``mbn-ref
+  conformance`` comes from the suite and the core never imports it. A plugin is loaded only
+  when its subcommand is used (or ``mbn-ref --help`` lists it); one that fails to load is
+  reported on one line (exit status 2) when its subcommand is used, and the other
+  subcommands keep working.
 
-Exit status: 0 on success, 2 on a usage or input error (one line on stderr, no traceback),
-1 when the output cannot be written.
+Exit status: 0 on success, 2 on a usage or input error, an output path that cannot be written
+included (one line on stderr, no traceback; the output is checked before anything is
+printed). A subcommand may add its own: ``mbn-ref conformance`` exits 1 when the
+implementation does not conform. A reader that stops early (``mbn-ref schedule ... | head``)
+ends the command quietly with status 1.
 
 >>> main(["schedule", "--batch-size", "2", "--epochs", "3"])
 # mbn-ref schedule: Momentum BN (Yong et al., ECCV 2020), Eq. 11 and Eq. 12
@@ -34,17 +43,26 @@ Eq. 10 suggests (docs/errata.md, erratum 3).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.metadata
 import json
+import os
 import sys
-from collections.abc import Sequence
-from typing import Any, NoReturn
+from collections.abc import Callable, Iterator, Sequence
+from typing import IO, Any, NoReturn
 
 from mbn_ref import __version__, noise
-from mbn_ref.schedules.paper import PAPER_DEFAULTS_SEC_5_2, mbn_lambda, mbn_tau
+from mbn_ref.conventions import update_rate_from_decay
+from mbn_ref.schedules.paper import PAPER_DEFAULTS_SEC_5_2, mbn_lambda_schedule, mbn_tau
 
-__all__ = ["main"]
+__all__ = ["COMMAND_GROUP", "main"]
 
 PROG = "mbn-ref"
+
+COMMAND_GROUP = "mbn_ref.commands"
+"""The entry-point group of subcommand plugins (see the module docstring)."""
+
+_BUILTIN_COMMANDS = ("schedule",)
 
 
 class _UsageError(Exception):
@@ -68,7 +86,100 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _build_parser() -> argparse.ArgumentParser:
+# ------------------------------------------------------------------------------ plugins
+
+
+def _entry_points() -> list[importlib.metadata.EntryPoint]:
+    """The installed entry points of :data:`COMMAND_GROUP`."""
+    return list(importlib.metadata.entry_points(group=COMMAND_GROUP))
+
+
+def _plugins() -> dict[str, importlib.metadata.EntryPoint]:
+    """Plugin subcommands by name: the first entry point of a name wins, built-ins win."""
+    found: dict[str, importlib.metadata.EntryPoint] = {}
+    for ep in _entry_points():
+        if ep.name not in _BUILTIN_COMMANDS and ep.name not in found:
+            found[ep.name] = ep
+    return found
+
+
+def _selected_command(argv: Sequence[str]) -> str | None:
+    """The subcommand ``argv`` names (its first non-option token), if any."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def _wants_help(argv: Sequence[str]) -> bool:
+    return any(a == "-h" or (len(a) > 3 and "--help".startswith(a)) for a in argv)
+
+
+def _add_stub(sub: Any, name: str, helptext: str, run: Callable[[argparse.Namespace], int]) -> None:
+    """A subcommand that takes any arguments and runs ``run``."""
+    stub = sub.add_parser(
+        name,
+        help=helptext,
+        add_help=False,
+        prefix_chars="\0",  # every argument is positional: the stub takes anything
+    )
+    stub.add_argument("rest", nargs="*")
+    stub.set_defaults(run=run)
+
+
+def _forget(sub: Any, name: str) -> None:
+    """Undo a partial ``add_parser(name)`` of a plugin that then failed."""
+    sub.choices.pop(name, None)
+    actions = getattr(sub, "_choices_actions", None)
+    if isinstance(actions, list):
+        actions[:] = [a for a in actions if getattr(a, "dest", None) != name]
+
+
+def _register_plugin(sub: Any, name: str, ep: importlib.metadata.EntryPoint) -> None:
+    """Load the plugin ``ep`` and let it add its subcommand; a stub reporting why if it fails."""
+    try:
+        register = ep.load()
+        register(sub)
+        if name not in sub.choices:
+            raise LookupError(f"register() added no subcommand named {name!r}")
+    except Exception as exc:  # any failure of third-party code: reported when used
+        _forget(sub, name)
+        dist = getattr(getattr(ep, "dist", None), "name", None)
+        where = f"entry point {name} = {ep.value!r} in group {COMMAND_GROUP!r}" + (
+            f" of the distribution {dist}" if dist else ""
+        )
+        kind = "is not importable" if isinstance(exc, ImportError) else "failed to load"
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())  # one line
+
+        def broken(args: argparse.Namespace) -> int:
+            raise _UsageError(
+                f"{PROG} {name}: error: the plugin providing this subcommand {kind} "
+                f"({where}; {reason}); reinstall or fix the distribution that provides it"
+            )
+
+        _add_stub(sub, name, f"(unavailable: the plugin {kind})", broken)
+
+
+def _add_plugins(sub: Any, argv: Sequence[str]) -> None:
+    """Add every plugin subcommand to ``sub``.
+
+    A plugin is loaded when it is the one used (or for ``--help``); otherwise a placeholder
+    keeps its name among the choices.
+    """
+    command = _selected_command(argv)
+    load_all = command is None and _wants_help(argv)
+    for name, ep in _plugins().items():
+        if load_all or name == command:
+            _register_plugin(sub, name, ep)
+        else:
+            _add_stub(sub, name, f"(from {ep.value})", _not_selected)
+
+
+def _not_selected(args: argparse.Namespace) -> int:  # pragma: no cover - never selected
+    raise _UsageError(f"{PROG}: error: internal: a plugin placeholder ran")
+
+
+# ------------------------------------------------------------------------------ parser
+
+
+def _build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
         description="Reference implementation of BN with dynamic momentum and Momentum BN.",
@@ -113,46 +224,33 @@ def _build_parser() -> argparse.ArgumentParser:
         help="also write every epoch's values as JSON to PATH ('-': JSON on stdout instead)",
     )
     sched.set_defaults(run=_run_schedule)
-    _register_conformance(sub)
+    _add_plugins(sub, argv)
     return parser
 
 
-def _register_conformance(sub: Any) -> None:
-    """The ``conformance`` subcommand from :mod:`mbn_conformance.cli`, imported only now."""
-    try:
-        from mbn_conformance.cli import register
-    except ImportError as exc:
-        reason = str(exc)
-        stub = sub.add_parser(
-            "conformance",
-            help="run the conformance suite (unavailable: mbn_conformance is not importable)",
-            add_help=False,
-            prefix_chars="\0",  # every argument is positional: the stub takes anything
-        )
-        stub.add_argument("rest", nargs="*")
-
-        def unavailable(args: argparse.Namespace) -> int:
-            raise _UsageError(
-                f"{PROG} conformance: error: the conformance suite (mbn_conformance) is not "
-                f"importable ({reason}); install the full mbn-ref distribution"
-            )
-
-        stub.set_defaults(run=unavailable)
-        return
-    register(sub)
+# ------------------------------------------------------------------------------ schedule
 
 
-def _schedule_report(args: argparse.Namespace) -> dict[str, Any]:
-    epochs = list(range(1, args.epochs + 1))
-    lam = [
-        mbn_lambda(
-            t,
-            total_epochs=args.epochs,
-            batch_size=args.batch_size,
-            ideal_batch_size=args.ideal_batch_size,
-        )
-        for t in epochs
-    ]
+def _lam_function(args: argparse.Namespace) -> Callable[[int], float]:
+    """Eq. 11 as a function of the 1-indexed epoch, validated once.
+
+    Each call computes one epoch: the command computes only the epochs it prints, plus all
+    of them for JSON.
+    """
+    schedule = mbn_lambda_schedule(
+        total_epochs=args.epochs,
+        batch_size=args.batch_size,
+        ideal_batch_size=args.ideal_batch_size,
+    )
+
+    def lam(t: int) -> float:
+        return schedule(t - 1)
+
+    return lam
+
+
+def _schedule_summary(args: argparse.Namespace, lam_end: float) -> dict[str, Any]:
+    """Everything the report holds but the per-epoch lists."""
     tau = mbn_tau(
         batch_size=args.batch_size, ideal_batch_size=args.ideal_batch_size, tau0=args.tau0
     )
@@ -166,85 +264,131 @@ def _schedule_report(args: argparse.Namespace) -> dict[str, Any]:
         "ideal_batch_size": args.ideal_batch_size,
         "total_epochs": args.epochs,
         "tau0": args.tau0,
-        "epoch": epochs,
-        "lam": lam,
-        "lam_torch_momentum": [1.0 - v for v in lam],
         "tau": tau,
-        "tau_torch_momentum": 1.0 - tau,
+        "tau_torch_momentum": update_rate_from_decay(tau),
         # what the end point lam(T) really buys, with the corrected Eq. 10 (erratum 3)
         "end_point_effective_batch_size": {
-            "mean_noise": float(noise.effective_batch_size(args.batch_size, lam[-1])),
-            "variance_noise": float(noise.effective_batch_size_sigma(args.batch_size, lam[-1])),
+            "mean_noise": float(noise.effective_batch_size(args.batch_size, lam_end)),
+            "variance_noise": float(noise.effective_batch_size_sigma(args.batch_size, lam_end)),
         },
     }
 
 
-def _schedule_table(report: dict[str, Any], every: int) -> str:
-    total = report["total_epochs"]
-    rows = sorted({1, total, *range(every, total + 1, every)})
+def _report(summary: dict[str, Any], total: int, lam: Callable[[int], float]) -> dict[str, Any]:
+    """The JSON report: the summary with every epoch's values (computed only when asked)."""
+    epochs = range(1, total + 1)
+    values = [lam(t) for t in epochs]
+    head = ("conventions", "batch_size", "ideal_batch_size", "total_epochs", "tau0")
+    return {
+        **{k: summary[k] for k in head},
+        "epoch": list(epochs),
+        "lam": values,
+        "lam_torch_momentum": [update_rate_from_decay(v) for v in values],
+        **{k: v for k, v in summary.items() if k not in head},
+    }
+
+
+def _table_epochs(total: int, every: int) -> Iterator[int]:
+    """The epochs printed: 1, every K-th, and T, ascending, each once."""
+    yield 1
+    last = 1
+    for t in range(every, total + 1, every):
+        if t > last:
+            yield t
+            last = t
+    if last != total:
+        yield total
+
+
+def _write_table(
+    out: IO[str], summary: dict[str, Any], lam: Callable[[int], float], lam_end: float, every: int
+) -> None:
+    total = summary["total_epochs"]
+    out.write(
+        "\n".join(
+            [
+                "# mbn-ref schedule: Momentum BN (Yong et al., ECCV 2020), Eq. 11 and Eq. 12",
+                f"# m = {summary['batch_size']} (batch size), m0 = {summary['ideal_batch_size']} "
+                f"(ideal batch size), T = {total} epochs, tau0 = {summary['tau0']}",
+                "# lam and tau are decays (weight on history): s <- d*s + (1-d)*batch.",
+                "# PyTorch's BatchNorm momentum is the update rate 1 - d.",
+                "# Epochs are 1-indexed as in the paper: t = 1..T (t = completed epochs + 1).",
+                "",
+                "epoch t  lam (Eq. 11)  torch momentum (1 - lam)",
+                "",
+            ]
+        )
+    )
+    for t in _table_epochs(total, every):
+        value = lam_end if t == total else lam(t)
+        out.write(f"{t:7d}  {value:12.6f}  {update_rate_from_decay(value):24.6f}\n")
     lines = [
-        "# mbn-ref schedule: Momentum BN (Yong et al., ECCV 2020), Eq. 11 and Eq. 12",
-        f"# m = {report['batch_size']} (batch size), m0 = {report['ideal_batch_size']} "
-        f"(ideal batch size), T = {total} epochs, tau0 = {report['tau0']}",
-        "# lam and tau are decays (weight on history): s <- d*s + (1-d)*batch.",
-        "# PyTorch's BatchNorm momentum is the update rate 1 - d.",
-        "# Epochs are 1-indexed as in the paper: t = 1..T (t = completed epochs + 1).",
         "",
-        "epoch t  lam (Eq. 11)  torch momentum (1 - lam)",
+        f"tau (Eq. 12, inference) = {summary['tau']:.6f}   "
+        f"torch momentum (1 - tau) = {summary['tau_torch_momentum']:.6f}",
     ]
-    for t in rows:
-        lam = report["lam"][t - 1]
-        lines.append(f"{t:7d}  {lam:12.6f}  {1.0 - lam:24.6f}")
-    lines += [
-        "",
-        f"tau (Eq. 12, inference) = {report['tau']:.6f}   "
-        f"torch momentum (1 - tau) = {report['tau_torch_momentum']:.6f}",
-    ]
-    eff = report["end_point_effective_batch_size"]
-    if report["lam"][-1] > 0:
+    eff = summary["end_point_effective_batch_size"]
+    if lam_end > 0:
         lines += [
             "",
-            f"At t = T, lam = {report['lam'][-1]:.6f}: batch size {report['batch_size']} has the "
+            f"At t = T, lam = {lam_end:.6f}: batch size {summary['batch_size']} has the "
             "statistics noise of BN with batch size",
             f"{eff['mean_noise']:.1f} in the mean and {eff['variance_noise']:.1f} in the variance, "
-            f"not m0 = {report['ideal_batch_size']} as the paper's misprinted",
+            f"not m0 = {summary['ideal_batch_size']} as the paper's misprinted",
             "Eq. 10 suggests (docs/errata.md, erratum 3).",
         ]
-    return "\n".join(lines)
+    out.write("\n".join(lines) + "\n")
 
 
 def _run_schedule(args: argparse.Namespace) -> int:
     try:
-        report = _schedule_report(args)
-    except ValueError as exc:
+        lam = _lam_function(args)
+        lam_end = lam(args.epochs)
+        summary = _schedule_summary(args, lam_end)
+    except (TypeError, ValueError) as exc:
         raise _UsageError(f"{PROG} schedule: error: {exc}") from None
     if args.json == "-":
-        print(json.dumps(report, indent=2))
+        print(json.dumps(_report(summary, args.epochs, lam), indent=2))
         return 0
-    every = args.every if args.every is not None else max(1, args.epochs // 20)
-    print(_schedule_table(report, every))
-    if args.json is not None:
-        try:
-            with open(args.json, "w", encoding="utf-8") as f:
-                json.dump(report, f, indent=2)
-                f.write("\n")
-        except OSError as exc:
-            print(f"{PROG} schedule: error: cannot write {args.json}: {exc}", file=sys.stderr)
-            return 1
+    with contextlib.ExitStack() as stack:
+        target = None
+        if args.json is not None:  # can it be written? Known before anything is printed
+            try:
+                target = stack.enter_context(open(args.json, "w", encoding="utf-8"))
+            except OSError as exc:
+                raise _UsageError(
+                    f"{PROG} schedule: error: cannot write {args.json}: {exc.strerror or exc}"
+                ) from None
+        every = args.every if args.every is not None else max(1, args.epochs // 20)
+        _write_table(sys.stdout, summary, lam, lam_end, every)
+        if target is not None:
+            json.dump(_report(summary, args.epochs, lam), target, indent=2)
+            target.write("\n")
     return 0
+
+
+# ------------------------------------------------------------------------------ main
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (the console script exits with it)."""
-    parser = _build_parser()
+    args_list = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = parser.parse_args(argv)
-        status: int = args.run(args)
+        parser = _build_parser(args_list)
+        args = parser.parse_args(args_list)
+        run = getattr(args, "run", None)
+        if run is None:
+            raise _UsageError(f"{PROG} {args.command}: error: the subcommand set no run function")
+        status: int = run(args)
     except _UsageError as exc:
         print(exc, file=sys.stderr)
         return 2
     except SystemExit as exc:  # --help, --version
         return exc.code if isinstance(exc.code, int) else 0
+    except BrokenPipeError:  # `mbn-ref schedule ... | head`: stop quietly
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return status
 
 

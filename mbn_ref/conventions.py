@@ -1,11 +1,11 @@
-"""Conventions, named and converted explicitly (SPEC §1).
+"""Conventions, named and converted explicitly (docs/spec.md §1).
 
 "Momentum" means two opposite things in the wild:
 
 * a **decay** ``d`` is the weight on history, ``s <- d*s + (1-d)*batch``: the paper's
   ``lam`` and ``tau``, Keras', Flax's and ONNX's ``momentum``;
 * an **update rate** ``u = 1 - d`` is the weight on the new batch: PyTorch's ``momentum``
-  and seed 003's ``alpha``.
+  and the ``alpha`` of "Batch Normalization in Neural Networks: A Comprehensive Guide".
 
 The core speaks decays only; these converters are the one place where the two meet.
 The running-variance **estimator** is either the biased ``1/m`` variance (the paper,
@@ -25,6 +25,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from . import _kernels
+from ._validate import check_decay, check_int, check_update_rate
+
 __all__ = [
     "FRAMEWORKS",
     "Estimator",
@@ -35,6 +38,7 @@ __all__ = [
     "decay_from_update_rate",
     "keras_from_decay",
     "torch_from_decay",
+    "unbiased_factor",
     "unbiased_from_biased",
     "update_rate_from_decay",
     "validate_decay",
@@ -47,93 +51,339 @@ Estimator = Literal["biased", "unbiased"]
 ESTIMATORS: tuple[Estimator, ...] = ("biased", "unbiased")
 
 
-def _complement(value: float, name: str) -> float:
-    validate_decay(value, name)
-    # round to 15 significant digits so that 1 - 0.9 reads 0.1, not 0.09999999999999998
+def _complement(value: float) -> float:
+    """``1 - value`` for a validated ``value`` in ``[0, 1]``, rounded to 15 significant digits.
+
+    The rounding makes ``1 - 0.9`` read ``0.1``, not ``0.09999999999999998``.
+
+    The one place where a decay becomes an update rate and back: the schedules
+    (:func:`mbn_ref.schedules.from_update_rate`) and the command line call it too.
+    """
     return float(f"{1.0 - value:.15g}")
 
 
 def validate_decay(value: float, name: str = "decay") -> float:
-    """``value`` if it is a number in ``[0, 1]``, else ``ValueError`` (SPEC §9).
+    """``value`` as a ``float`` if it is a decay: a real number in ``[0, 1]`` (docs/spec.md §9).
 
-    >>> validate_decay(1.5)
+    Python and NumPy numbers are accepted (``np.float32(0.9)``); ``bool``, strings and
+    ``None`` raise ``TypeError``; values outside ``[0, 1]`` and NaN raise ``ValueError``.
+    The same rule as every other decay argument of the package.
+
+    Parameters
+    ----------
+    value : float
+        The candidate decay (weight on history).
+    name : str, optional
+        The argument's name in error messages.
+
+    Returns
+    -------
+    float
+        ``value`` as a Python ``float``.
+
+    Raises
+    ------
+    TypeError
+        ``value`` is not a host real number (``bool``, a string, ``None``...).
+    ValueError
+        ``value`` is outside ``[0, 1]`` or NaN.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> validate_decay(np.float32(0.5))
+    0.5
+    >>> validate_decay(1.5)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
         ...
-    ValueError: decay must be in [0, 1], got 1.5
+    ValueError: decay must be a decay (weight on history) in [0, 1], got 1.5; an update rate ...
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not 0.0 <= value <= 1.0:  # also rejects NaN
-        raise ValueError(f"{name} must be in [0, 1], got {value}")
-    return float(value)
+    return check_decay(name, value)
 
 
 def validate_estimator(estimator: str) -> Estimator:
-    """``estimator`` if it names a running-variance estimator, else ``ValueError``."""
+    """``estimator`` if it names a running-variance estimator, else ``ValueError``.
+
+    Parameters
+    ----------
+    estimator : str
+        ``"biased"`` or ``"unbiased"``.
+
+    Returns
+    -------
+    Estimator
+        ``estimator``, unchanged.
+
+    Raises
+    ------
+    ValueError
+        ``estimator`` is neither.
+
+    Examples
+    --------
+    >>> validate_estimator("unbiased")
+    'unbiased'
+    """
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     return estimator  # type: ignore[return-value]
 
 
 def decay_from_update_rate(update_rate: float) -> float:
-    """Decay ``1 - u`` for an update rate ``u`` (weight on the new batch)."""
-    return _complement(update_rate, "update rate")
+    """Decay ``1 - u`` for an update rate ``u`` (weight on the new batch).
+
+    Rounded to 15 significant digits (``1 - 0.9`` is ``0.1``), and the inverse of
+    :func:`update_rate_from_decay` to that precision.
+
+    Parameters
+    ----------
+    update_rate : float
+        The update rate ``u``, a host real in ``[0, 1]``.
+
+    Returns
+    -------
+    float
+        The decay ``1 - u``.
+
+    Raises
+    ------
+    TypeError
+        ``update_rate`` is not a host real number.
+    ValueError
+        ``update_rate`` is outside ``[0, 1]`` or NaN.
+
+    Examples
+    --------
+    >>> decay_from_update_rate(0.9)
+    0.1
+    """
+    return _complement(check_update_rate("update_rate", update_rate))
 
 
 def update_rate_from_decay(decay: float) -> float:
-    """Update rate ``1 - d`` for a decay ``d`` (weight on history)."""
-    return _complement(decay, "decay")
+    """Update rate ``1 - d`` for a decay ``d`` (weight on history).
+
+    Rounded like :func:`decay_from_update_rate`.
+
+    Parameters
+    ----------
+    decay : float
+        The decay ``d``, a host real in ``[0, 1]``.
+
+    Returns
+    -------
+    float
+        The update rate ``1 - d``.
+
+    Raises
+    ------
+    TypeError
+        ``decay`` is not a host real number.
+    ValueError
+        ``decay`` is outside ``[0, 1]`` or NaN.
+
+    Examples
+    --------
+    >>> update_rate_from_decay(0.9375)
+    0.0625
+    """
+    return _complement(check_decay("decay", decay))
 
 
 def decay_from_torch(momentum: float) -> float:
-    """Decay for PyTorch's ``momentum`` (an update rate; ``None``, the cumulative average,
-    has no fixed decay and is ``decay=None`` in the core).
+    """Decay for PyTorch's ``momentum`` (an update rate).
 
+    PyTorch's ``momentum=None``, the cumulative average, has no fixed decay and is
+    ``decay=None`` in the core.
+
+    Parameters
+    ----------
+    momentum : float
+        PyTorch's ``momentum``, a host real in ``[0, 1]``.
+
+    Returns
+    -------
+    float
+        The decay ``1 - momentum``, rounded like :func:`decay_from_update_rate`.
+
+    Raises
+    ------
+    TypeError
+        ``momentum`` is not a host real number (``None`` included).
+    ValueError
+        ``momentum`` is outside ``[0, 1]`` or NaN.
+
+    Examples
+    --------
     >>> decay_from_torch(0.1)
     0.9
     """
-    return decay_from_update_rate(momentum)
+    return _complement(check_update_rate("PyTorch momentum", momentum))
 
 
 def torch_from_decay(decay: float) -> float:
     """PyTorch's ``momentum`` (an update rate) for a decay.
 
+    Parameters
+    ----------
+    decay : float
+        The decay (weight on history), a host real in ``[0, 1]``.
+
+    Returns
+    -------
+    float
+        PyTorch's ``momentum``, ``1 - decay``, rounded like :func:`decay_from_update_rate`.
+
+    Raises
+    ------
+    TypeError
+        ``decay`` is not a host real number.
+    ValueError
+        ``decay`` is outside ``[0, 1]`` or NaN.
+
+    Examples
+    --------
     >>> torch_from_decay(0.9)
     0.1
     """
-    return update_rate_from_decay(decay)
+    return _complement(check_decay("decay", decay))
 
 
 def decay_from_keras(momentum: float) -> float:
-    """Keras' ``momentum`` already is a decay: returned validated, unchanged."""
+    """Keras' ``momentum`` already is a decay: returned validated, unchanged.
+
+    Parameters
+    ----------
+    momentum : float
+        Keras' ``momentum``, a host real in ``[0, 1]``.
+
+    Returns
+    -------
+    float
+        The same number, as a ``float``.
+
+    Raises
+    ------
+    TypeError
+        ``momentum`` is not a host real number.
+    ValueError
+        ``momentum`` is outside ``[0, 1]`` or NaN.
+
+    Examples
+    --------
+    >>> decay_from_keras(0.99)
+    0.99
+    """
     return validate_decay(momentum, "Keras momentum")
 
 
 def keras_from_decay(decay: float) -> float:
-    """Keras' ``momentum`` for a decay: the same number."""
+    """Keras' ``momentum`` for a decay: the same number.
+
+    Parameters
+    ----------
+    decay : float
+        The decay (weight on history), a host real in ``[0, 1]``.
+
+    Returns
+    -------
+    float
+        Keras' ``momentum``: ``decay`` validated, as a ``float``.
+
+    Raises
+    ------
+    TypeError
+        ``decay`` is not a host real number.
+    ValueError
+        ``decay`` is outside ``[0, 1]`` or NaN.
+
+    Examples
+    --------
+    >>> keras_from_decay(0.9)
+    0.9
+    """
     return validate_decay(decay)
+
+
+def unbiased_factor(m: int) -> float:
+    """Bessel's correction ``m/(m-1)``: the unbiased variance over the biased one.
+
+    The one place this factor is computed: :func:`unbiased_from_biased`,
+    :func:`biased_from_unbiased` and the core's unbiased running variance use it.
+
+    Parameters
+    ----------
+    m : int
+        The number of values the variance is over, ``m >= 2`` (Python or NumPy integer).
+
+    Returns
+    -------
+    float
+        ``m / (m - 1)``.
+
+    Raises
+    ------
+    TypeError
+        ``m`` is not an integer.
+    ValueError
+        ``m < 2``.
+
+    Examples
+    --------
+    >>> unbiased_factor(4)
+    1.3333333333333333
+    """
+    try:
+        count = check_int("m", m, minimum=2)
+    except ValueError:
+        raise ValueError(f"the unbiased variance needs at least 2 values, got m={m!r}") from None
+    return float(_kernels.unbiased_factor(None, count))
 
 
 def unbiased_from_biased(var: Any, m: int) -> Any:
     """Unbiased variance ``var * m/(m-1)`` from a biased one over ``m`` values (``m >= 2``).
 
+    Parameters
+    ----------
+    var : float or array
+        The biased (``1/m``) variance: a number or an array, multiplied as it is.
+    m : int
+        The number of values, ``m >= 2``; errors as :func:`unbiased_factor`.
+
+    Returns
+    -------
+    float or array
+        ``var * m/(m-1)``.
+
+    Examples
+    --------
     >>> unbiased_from_biased(2.0, 4)
     2.6666666666666665
     """
-    if m < 2:
-        raise ValueError(f"the unbiased variance needs at least 2 values, got m={m}")
-    return var * (m / (m - 1))
+    return var * unbiased_factor(m)
 
 
 def biased_from_unbiased(var: Any, m: int) -> Any:
-    """Biased variance ``var * (m-1)/m`` from an unbiased one over ``m`` values (``m >= 2``).
+    """Biased variance ``var / (m/(m-1))`` from an unbiased one over ``m`` values (``m >= 2``).
 
+    Parameters
+    ----------
+    var : float or array
+        The unbiased (``1/(m-1)``) variance: a number or an array, divided as it is.
+    m : int
+        The number of values, ``m >= 2``; errors as :func:`unbiased_factor`.
+
+    Returns
+    -------
+    float or array
+        ``var / (m/(m-1))``.
+
+    Examples
+    --------
     >>> biased_from_unbiased(2.6666666666666665, 4)
     2.0
     """
-    if m < 2:
-        raise ValueError(f"the unbiased variance needs at least 2 values, got m={m}")
-    return var * ((m - 1) / m)
+    return var / unbiased_factor(m)
 
 
 @dataclass(frozen=True)
@@ -149,15 +399,47 @@ class FrameworkConvention:
     cumulative_average: str
 
     def decay(self, momentum: float) -> float:
-        """The core's decay for this framework's ``momentum`` value."""
+        """The core's decay for this framework's ``momentum`` value.
+
+        Parameters
+        ----------
+        momentum : float
+            The framework's ``momentum``, a host real in ``[0, 1]``.
+
+        Returns
+        -------
+        float
+            The decay (weight on history).
+
+        Examples
+        --------
+        >>> FRAMEWORKS["keras"].decay(0.99)
+        0.99
+        """
         if self.momentum_is == "update_rate":
-            return decay_from_update_rate(momentum)
+            return _complement(check_update_rate(f"{self.name} momentum", momentum))
         return validate_decay(momentum, f"{self.name} momentum")
 
     def momentum(self, decay: float) -> float:
-        """This framework's ``momentum`` value for the core's decay."""
+        """The ``momentum`` value, in this framework's convention, for the core's decay.
+
+        Parameters
+        ----------
+        decay : float
+            The decay (weight on history), a host real in ``[0, 1]``.
+
+        Returns
+        -------
+        float
+            The framework's ``momentum``.
+
+        Examples
+        --------
+        >>> FRAMEWORKS["torch"].momentum(0.9)
+        0.1
+        """
         if self.momentum_is == "update_rate":
-            return update_rate_from_decay(decay)
+            return _complement(check_decay("decay", decay))
         return validate_decay(decay)
 
 

@@ -1,4 +1,4 @@
-"""Multi-device aggregation: merged moments, synchronized BN/MBN, per-device MBN (SPEC §5).
+"""Multi-device aggregation: merged moments, synchronized BN/MBN, per-device MBN (docs/spec.md §5).
 
 Synchronized statistics are not separate math: :func:`mbn_ref.bn_forward` and
 :func:`mbn_ref.mbn_forward` take ``all_sum``, a collective that sums an array across shards,
@@ -27,9 +27,10 @@ from typing import Any, TypeVar
 
 import array_api_compat
 
-from ._array import AllSum, Array, device_of, namespace, resolve_namespace
-from ._normalization import NormContext, backward
+from ._array import AllSum, Array, Namespace, device_of, namespace, resolve_namespace
+from ._normalization import backward
 from .bn import BNState, bn_forward
+from .context import NormContext
 from .mbn import MBNState, mbn_forward
 
 __all__ = [
@@ -49,6 +50,8 @@ def merge_moments(
     counts: Sequence[int] | Array,
     means: Sequence[Array] | Array,
     variances: Sequence[Array] | Array,
+    *,
+    xp: Namespace | None = None,
 ) -> tuple[Array, Array, Array]:
     """Merge per-shard ``(n_k, mean_k, var_k)`` (biased variances) into global moments.
 
@@ -56,15 +59,42 @@ def merge_moments(
     ``var = sum n_k (var_k + (mean_k - mean)^2) / n`` (Chan et al.'s pairwise merge, in its
     count-weighted form; never ``E[x^2] - E[x]^2``). Shards with ``n_k = 0`` contribute nothing,
     whatever their (possibly NaN) moments; merging only empty shards gives ``(0, 0, 0)``, the
-    identity of the merge. ``means``/``variances`` are ``(K, ...)`` arrays or sequences of K
-    equally shaped arrays; ``counts`` has K entries.
+    identity of the merge.
 
+    Parameters
+    ----------
+    counts : sequence of int or array
+        The K shards' counts ``n_k`` (K entries, each ``>= 0``).
+    means : sequence of arrays or array
+        The shards' means: a ``(K, ...)`` array or a sequence of K equally shaped arrays.
+    variances : sequence of arrays or array
+        The shards' biased variances, shaped like ``means``.
+    xp : namespace, optional
+        The Array API namespace of the moments; by default found with array-api-compat
+        (NumPy for plain Python numbers).
+
+    Returns
+    -------
+    n : array
+        The 0-d total count, in the moments' dtype.
+    mean, var : array
+        The global mean and biased variance, shaped like one shard's moments.
+
+    Raises
+    ------
+    ValueError
+        Shapes disagree (means and variances, counts and shards, shards among themselves) or
+        a count is negative.
+
+    Examples
+    --------
     >>> import numpy as np
     >>> n, mean, var = merge_moments([2, 0, 3], [[1.0], [np.nan], [2.0]], [[0.25], [np.nan], [1.0]])
     >>> int(n), float(mean[0]), round(float(var[0]), 6)
     (5, 1.6, 0.94)
     """
-    xp = _namespace_of(means, variances)
+    if xp is None:
+        xp = _namespace_of(means, variances)
     m_arr = _stack(xp, means)
     v_arr = _stack(xp, variances)
     if m_arr.shape != v_arr.shape:
@@ -74,7 +104,8 @@ def merge_moments(
         )
     dtype = m_arr.dtype
     n_arr = xp.asarray(counts, dtype=dtype, device=device_of(m_arr))
-    if n_arr.ndim != 1 or n_arr.shape[0] != m_arr.shape[0]:
+    shards = m_arr.shape[0]  # None when only known at run time (a traced program)
+    if n_arr.ndim != 1 or (shards is not None and n_arr.shape[0] != shards):
         raise ValueError(
             f"counts must hold one entry per shard ({m_arr.shape[0]}), got shape "
             f"{tuple(n_arr.shape)}"
@@ -95,8 +126,10 @@ def merge_moments(
 
 
 def _namespace_of(*parts: Any) -> Any:
-    """The namespace of the arrays among ``parts`` (one level of sequences unpacked); NumPy
-    for plain Python numbers."""
+    """The namespace of the arrays among ``parts`` (one level of sequences unpacked).
+
+    NumPy for plain Python numbers.
+    """
     flat = [q for p in parts for q in (p if isinstance(p, (list, tuple)) else [p])]
     arrays = [q for q in flat if array_api_compat.is_array_api_obj(q)]
     return namespace(*arrays) if arrays else resolve_namespace(None)
@@ -115,8 +148,11 @@ def _stack(xp: Any, a: Sequence[Array] | Array) -> Array:
 
 
 class _ThreadAllSum:
-    """A sum across ``world_size`` threads that meet at a barrier (deterministic: every
-    thread adds the contributions in rank order, so all get bit-identical totals)."""
+    """A sum across ``world_size`` threads that meet at a barrier.
+
+    Deterministic: every thread adds the contributions in rank order, so all get
+    bit-identical totals.
+    """
 
     def __init__(self, world_size: int, timeout: float) -> None:
         self.slots: list[Any] = [None] * world_size
@@ -142,6 +178,31 @@ def simulate(world_size: int, fn: Callable[[int, AllSum], T], *, timeout: float 
     runs on real devices, in one process. An exception on any rank aborts the others and is
     re-raised (the lowest rank's first).
 
+    Parameters
+    ----------
+    world_size : int
+        The number of ranks (threads), ``>= 1``.
+    fn : callable
+        ``fn(rank, all_sum)``, the program of one rank; ``all_sum(a)`` returns the sum of the
+        ``a`` of all ranks (it blocks until every rank has called it).
+    timeout : float, optional
+        Seconds a rank waits for the others at a collective before the run fails.
+
+    Returns
+    -------
+    list
+        ``fn``'s results, in rank order.
+
+    Raises
+    ------
+    ValueError
+        ``world_size < 1``.
+    Exception
+        Whatever a rank raised (the lowest rank's first), or
+        ``threading.BrokenBarrierError`` on a timeout.
+
+    Examples
+    --------
     >>> simulate(3, lambda rank, all_sum: all_sum(rank + 1))
     [6, 6, 6]
     """
@@ -174,7 +235,7 @@ def simulate(world_size: int, fn: Callable[[int, AllSum], T], *, timeout: float 
 
 
 def _check_shards(shards: Sequence[Array], axis: int) -> None:
-    """``ValueError`` unless all shards agree on rank and channel count (SPEC §9)."""
+    """``ValueError`` unless all shards agree on rank and channel count (docs/spec.md §9)."""
     if not shards:
         raise ValueError("need at least one shard")
     try:
@@ -199,8 +260,46 @@ def sync_bn_forward(
     """Synchronized BN over simulated shards: ``bn_forward(..., all_sum=...)`` on each.
 
     Every shard starts from ``state`` and gets the same update (from the global statistics);
-    the returned per-shard states are equal, which the tests check. ``kwargs`` are
-    :func:`mbn_ref.bn_forward`'s.
+    the returned per-shard states are equal, which the tests check.
+
+    Parameters
+    ----------
+    shards : sequence of arrays
+        The shards' parts of the batch: same rank and channel count, any (even zero) size
+        along the other axes.
+    state : BNState or None
+        The running statistics every shard starts from (``None``: no tracking).
+    gamma, beta : array, optional
+        Per-channel affine parameters, shared by all shards.
+    **kwargs
+        :func:`mbn_ref.bn_forward`'s keyword arguments (``decay``, ``eps``, ``axis``...),
+        but not ``all_sum``.
+
+    Returns
+    -------
+    ys : list of arrays
+        Each shard's output.
+    states : list of BNState or None
+        Each shard's new state (all equal).
+    ctxs : list of NormContext
+        Each shard's backward context, for :func:`sync_backward`.
+
+    Raises
+    ------
+    ValueError
+        The shards disagree on rank or channel count, or there are none; or
+        :func:`mbn_ref.bn_forward` rejects the arguments.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import mbn_ref as mr
+    >>> x = np.arange(12.0).reshape(4, 3)
+    >>> ys, states, ctxs = sync_bn_forward([x[:1], x[1:]], mr.init_bn_state(3), decay=0.9)
+    >>> np.round(np.concatenate(ys)[:, 0], 4).tolist()
+    [-1.3416, -0.4472, 0.4472, 1.3416]
+    >>> np.round(states[1].running_mean, 6).tolist()
+    [0.45, 0.55, 0.65]
     """
     return _sync_forward(bn_forward, shards, state, gamma, beta, kwargs)
 
@@ -212,7 +311,50 @@ def sync_mbn_forward(
     beta: Array | None = None,
     **kwargs: Any,
 ) -> tuple[list[Array], list[MBNState], list[NormContext]]:
-    """Synchronized MBN over simulated shards (global statistics feed both moving averages)."""
+    """Synchronized MBN over simulated shards (global statistics feed both moving averages).
+
+    ``mbn_forward(..., all_sum=...)`` on each shard; as :func:`sync_bn_forward`, every shard
+    starts from ``state`` and gets the same update.
+
+    Parameters
+    ----------
+    shards : sequence of arrays
+        The shards' parts of the batch: same rank and channel count.
+    state : MBNState
+        The state every shard starts from.
+    gamma, beta : array, optional
+        Per-channel affine parameters, shared by all shards.
+    **kwargs
+        :func:`mbn_ref.mbn_forward`'s keyword arguments (``lam``, ``tau``, ``eps``...), but
+        not ``all_sum``.
+
+    Returns
+    -------
+    ys : list of arrays
+        Each shard's output.
+    states : list of MBNState
+        Each shard's new state (all equal).
+    ctxs : list of NormContext
+        Each shard's backward context, for :func:`sync_backward`.
+
+    Raises
+    ------
+    ValueError
+        The shards disagree on rank or channel count, or there are none; or
+        :func:`mbn_ref.mbn_forward` rejects the arguments.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import mbn_ref as mr
+    >>> x = np.random.default_rng(0).normal(size=(6, 2))
+    >>> ys, states, _ = sync_mbn_forward([x[:2], x[2:]], mr.init_state(2), lam=0.5)
+    >>> y, state, _ = mr.mbn_forward(x, mr.init_state(2), lam=0.5)
+    >>> bool(np.allclose(np.concatenate(ys), y))
+    True
+    >>> bool(np.allclose(states[0].moving_mean, state.moving_mean))
+    True
+    """
     return _sync_forward(mbn_forward, shards, state, gamma, beta, kwargs)
 
 
@@ -241,12 +383,43 @@ def sync_backward(
     Each shard's ``dx`` uses the two C-vectors ``sum(dy)``, ``sum(dy*xhat)`` summed over all
     shards (the collective lives in each context); ``dgamma``/``dbeta`` are each shard's sums,
     added here as a data-parallel engine would reduce them.
+
+    Parameters
+    ----------
+    dys : sequence of arrays
+        Each shard's output gradient, shaped like its forward input.
+    ctxs : sequence of NormContext
+        The contexts the synchronized forward returned, one per shard.
+
+    Returns
+    -------
+    dxs : list of arrays
+        Each shard's input gradient.
+    dgamma, dbeta : array or None
+        The parameter gradients summed over the shards; ``None`` for a parameter the forward
+        call did not have.
+
+    Raises
+    ------
+    ValueError
+        ``dys`` and ``ctxs`` differ in length, or :func:`mbn_ref.backward` rejects a
+        gradient.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import mbn_ref as mr
+    >>> x = np.random.default_rng(0).normal(size=(5, 3))
+    >>> ys, _, ctxs = sync_bn_forward([x[:2], x[2:]], mr.init_bn_state(3), np.ones(3))
+    >>> dxs, dgamma, dbeta = sync_backward([np.ones_like(y) for y in ys], ctxs)
+    >>> float(abs(np.concatenate(dxs)).max()) < 1e-12, dbeta
+    (True, None)
     """
     if len(dys) != len(ctxs):
         raise ValueError(f"got {len(dys)} gradients for {len(ctxs)} shards")
     out = simulate(
         len(ctxs),
-        lambda r, all_sum: backward(dys[r], ctxs[r]._replace(all_sum=all_sum)),
+        lambda r, all_sum: backward(dys[r], ctxs[r].replace(all_sum=all_sum)),
     )
     dgamma = _total([o[1] for o in out])
     dbeta = _total([o[2] for o in out])
@@ -262,7 +435,9 @@ def _total(parts: list[Array | None]) -> Array | None:
     return total
 
 
-def merge_inference_statistics(states: Sequence[MBNState], counts: Sequence[int]) -> MBNState:
+def merge_inference_statistics(
+    states: Sequence[MBNState], counts: Sequence[int], *, xp: Namespace | None = None
+) -> MBNState:
     """One consistent MBN state from per-device states (the paper's per-GPU setting).
 
     Each device's inference statistics estimate the mean and variance of what that device
@@ -271,15 +446,46 @@ def merge_inference_statistics(states: Sequence[MBNState], counts: Sequence[int]
     ``counts`` (e.g. per-device batch sizes). The training moving statistics are merged the
     same way and the step counter is the maximum. Assign the result to every device before
     evaluating.
+
+    Parameters
+    ----------
+    states : sequence of MBNState
+        The devices' states (at least one), with equally shaped statistics.
+    counts : sequence of int
+        The weight of each device's data (e.g. per-device batch sizes), one per state.
+    xp : namespace, optional
+        The Array API namespace of the states; by default found with array-api-compat.
+
+    Returns
+    -------
+    MBNState
+        The merged state, in the first state's dtypes.
+
+    Raises
+    ------
+    ValueError
+        ``states`` is empty or ``counts`` has another length; or :func:`merge_moments`
+        rejects the statistics.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import mbn_ref as mr
+    >>> a, b = mr.init_state(1), mr.init_state(1)
+    >>> b = b._replace(running_mean=np.array([3.0]), running_var=np.array([0.0]))
+    >>> merged = merge_inference_statistics([a, b], counts=[1, 2])
+    >>> float(merged.running_mean[0]), round(float(merged.running_var[0]), 6)  # 7/3
+    (2.0, 2.333333)
     """
     if len(states) != len(counts) or not states:
         raise ValueError(f"got {len(states)} states for {len(counts)} counts")
-    xp = namespace(states[0].running_mean)
+    if xp is None:
+        xp = namespace(states[0].running_mean)
     _, moving_mean, moving_var = merge_moments(
-        counts, [s.moving_mean for s in states], [s.moving_var for s in states]
+        counts, [s.moving_mean for s in states], [s.moving_var for s in states], xp=xp
     )
     _, running_mean, running_var = merge_moments(
-        counts, [s.running_mean for s in states], [s.running_var for s in states]
+        counts, [s.running_mean for s in states], [s.running_var for s in states], xp=xp
     )
     first = states[0]
     steps = xp.max(xp.stack([s.num_batches_tracked for s in states]))

@@ -4,4 +4,4 @@ from __future__ import annotations
 
 
 class NonFiniteError(ValueError, FloatingPointError):
-    """A batch held NaN or Inf and the ``nonfinite`` policy is ``"raise"`` (SPEC §9)."""
+    """A batch held NaN or Inf and the ``nonfinite`` policy is ``"raise"`` (docs/spec.md §9)."""

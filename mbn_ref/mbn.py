@@ -1,4 +1,4 @@
-"""Momentum batch normalization, the paper's Algorithm 1 (SPEC §3).
+"""Momentum batch normalization, the paper's Algorithm 1 (docs/spec.md §3).
 
 Training normalizes with moving statistics that the current batch has just updated with
 decay ``lam`` (Eq. 8); inference uses a second pair of statistics kept with decay ``tau``.
@@ -23,22 +23,22 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from . import _kernels
-from ._array import AllSum, Array, is_real_scalar
+from ._array import AllSum, Array, Namespace, is_array
 from ._normalization import (
-    NormContext,
     backward,
     check_counter,
-    check_decay_arg,
     empty_forward,
     eval_forward,
-    finite_flag,
     keep_if,
     prepare,
     running_variance,
     train_statistics,
+    update_flag,
     update_running,
 )
+from ._validate import check_decay_arg
 from .bn import init_bn_state
+from .context import NormContext
 from .conventions import Estimator, validate_estimator
 
 __all__ = ["MBNState", "init_state", "mbn_backward", "mbn_forward"]
@@ -65,6 +65,28 @@ def init_state(
 ) -> MBNState:
     """Fresh MBN state: means 0, variances 1 (like BN's running statistics), step 0.
 
+    Parameters
+    ----------
+    num_features : int
+        The number of channels C, a positive integer.
+    xp, dtype, device
+        As in :func:`mbn_ref.init_bn_state`.
+
+    Returns
+    -------
+    MBNState
+        Moving and running means of zeros and variances of ones, shape ``(num_features,)``
+        (four distinct arrays), and a 0-d ``int64`` ``num_batches_tracked`` of 0.
+
+    Raises
+    ------
+    ValueError
+        ``num_features`` is not a positive integer.
+    TypeError
+        ``dtype`` is not a real floating dtype.
+
+    Examples
+    --------
     >>> init_state(2).moving_var.tolist()
     [1.0, 1.0]
     """
@@ -92,8 +114,9 @@ def mbn_forward(
     estimator: Estimator = "biased",
     nonfinite: str = "propagate",
     all_sum: AllSum | None = None,
+    xp: Namespace | None = None,
 ) -> tuple[Array, MBNState, NormContext]:
-    """Momentum batch normalization (Algorithm 1).
+    """Momentum batch normalization, the paper's Algorithm 1 (docs/spec.md §3).
 
     Training step::
 
@@ -111,10 +134,41 @@ def mbn_forward(
         numbers in ``[0, 1]`` or 0-d arrays (runtime state, e.g. from a schedule). ``tau=None``
         keeps the exact cumulative average. The defaults make MBN exactly BN with PyTorch's
         default momentum.
-    x, gamma, beta, eps, axis, training, estimator, nonfinite, all_sum
+    x, gamma, beta, eps, axis, training, estimator, nonfinite, all_sum, xp
         As in :func:`mbn_ref.bn_forward` (``all_sum`` gives synchronized MBN: global batch
         statistics feed both moving averages). A training batch with one value per channel is
-        accepted when ``lam > 0`` (history normalizes it) and rejected when ``lam = 0``.
+        accepted when ``lam > 0`` (history normalizes it) and rejected when ``lam`` is the
+        host number 0; a ``lam`` held as an array is never read on the host, so it is not
+        checked there.
+
+    Returns
+    -------
+    y
+        The output, in ``x``'s dtype, namespace and device.
+    state
+        The new :class:`MBNState` (the same object in evaluation and for an empty batch).
+    ctx
+        The :class:`mbn_ref.NormContext` for :func:`mbn_ref.backward`: the gradients reach
+        the batch's own statistics with weight ``1 - lam``.
+
+    Examples
+    --------
+    The first step from a fresh state with ``lam = 0.5`` normalizes with the average of the
+    initial statistics (mean 0, variance 1) and the batch's:
+
+    >>> import numpy as np
+    >>> import mbn_ref as mr
+    >>> x = np.array([[1.0], [3.0]])              # batch mean 2, biased variance 1
+    >>> y, state, ctx = mr.mbn_forward(x, mr.init_state(1), lam=0.5, tau=0.9)
+    >>> float(state.moving_mean[0]), float(state.moving_var[0])   # mean 1, variance 1
+    (1.0, 1.0)
+    >>> np.round(y.ravel(), 4).tolist()           # (x - 1) / sqrt(1 + eps)
+    [0.0, 2.0]
+    >>> round(float(state.running_mean[0]), 12)   # inference mean: 0.9*0 + 0.1*2
+    0.2
+    >>> dx, dgamma, dbeta = mr.backward(np.ones_like(y), ctx)
+    >>> np.round(dx.ravel(), 4).tolist()          # BN (lam = 0) would give [0.0, 0.0]
+    [1.0, 0.0]
     """
     b = prepare(
         x,
@@ -125,9 +179,10 @@ def mbn_forward(
         nonfinite=nonfinite,
         state=state,
         state_names=MBNState._fields,
+        xp=xp,
     )
-    check_decay_arg(lam, "lam")
-    check_decay_arg(tau, "tau", allow_none=True)
+    check_decay_arg("lam", lam)
+    check_decay_arg("tau", tau, allow_none=True)
     validate_estimator(estimator)
     xp = b.xp
     check_counter(xp, state.num_batches_tracked)
@@ -139,7 +194,7 @@ def mbn_forward(
         y, ctx = empty_forward(b)
         return y, state, ctx
     m, batch_mean, batch_var, centered = stats
-    ok = finite_flag(b, batch_var)
+    ok = update_flag(b, batch_var, m)
     moving_mean = _kernels.ema(state.moving_mean, batch_mean, lam)
     moving_var = _kernels.ema(state.moving_var, batch_var, lam)
     mean = xp.astype(moving_mean, b.x.dtype)
@@ -151,7 +206,7 @@ def mbn_forward(
         state.running_var,
         state.num_batches_tracked,
         batch_mean,
-        running_variance(batch_var, m, estimator),
+        running_variance(xp, batch_var, m, estimator),
         tau,
         ok,
     )
@@ -160,20 +215,11 @@ def mbn_forward(
         keep_if(xp, ok, moving_var, state.moving_var),
         *running,
     )
-    weight = 1.0 - float(lam) if is_real_scalar(lam) else 1 - xp.astype(lam, b.x.dtype)
+    # 1 - lam as a 0-d array (NumPy turns 0-d arithmetic into scalars: scalar() again)
+    weight = b.scalar(1 - b.scalar(lam) if is_array(lam) else 1.0 - float(lam))
     ctx = b.context(mean, rstd, weight, batch_mean, m, all_sum)
     return xp.astype(y, b.dtype, copy=False), new_state, ctx
 
 
-def mbn_backward(dy: Array, ctx: NormContext) -> tuple[Array, Array | None, Array | None]:
-    """Gradients ``(dx, dgamma, dbeta)`` of :func:`mbn_forward` (Eq. 13, corrected).
-
-    The previous moving statistics are constants; the current batch's ``mu_B`` and
-    ``var_B`` carry gradient scaled by ``1 - lam``. With ``g = gamma*dy``,
-    ``xhat = (x - mu)*rstd``::
-
-        dx_i = rstd * (g_i - (1-lam)/m * (sum(g) + (x_i - mu_B)*rstd*sum(g*xhat)))
-
-    The printed Eq. 13 has ``(xhat_i - mu_M)`` where ``(x_i - mu_M)`` belongs (erratum 1).
-    """
-    return backward(dy, ctx)
+mbn_backward = backward
+"""Alias of :func:`mbn_ref.backward` (one backward serves BN and MBN)."""

@@ -1,4 +1,4 @@
-"""The paper's noise model (SPEC §6): batch-statistics noise of BN and MBN as functions.
+"""The paper's noise model (docs/spec.md §6): batch-statistics noise of BN and MBN as functions.
 
 Notation (paper §3.1, §4.1). Samples are i.i.d. from a population with mean ``mu``, standard
 deviation ``sigma`` and kurtosis ``kappa = E[(x - mu)**4] / sigma**4`` (3 for a Gaussian).
@@ -16,6 +16,13 @@ returns float64, and is verified by Monte Carlo in ``tests/test_noise.py``; the 
 are in ``docs/derivations/noise.md`` and the paper's misprints in ``docs/errata.md``.
 ``m`` may be any real number ``>= 1`` (the formulas are analytic in ``m``); moments that do not
 exist are returned as ``inf`` (diverging) or ``nan`` (undefined), following ``scipy.stats.t``.
+Arguments follow the package's rules (:mod:`mbn_ref._validate`): booleans and strings raise
+``TypeError``, out-of-range values ``ValueError``.
+
+SciPy (a declared dependency of mbn-ref, used by this module only) is imported by the
+functions that need its special functions (digamma, trigamma, log-gamma), when they are
+first called: importing this module, and the effective-batch-size functions that the
+schedules and the command line use, need NumPy alone.
 """
 
 from __future__ import annotations
@@ -24,7 +31,8 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-from scipy import special
+
+from ._validate import as_real_array, check_decays
 
 __all__ = [
     "bn_xi_mu_mean",
@@ -67,29 +75,31 @@ _SERIES_MIN_X = 20.0
 # --------------------------------------------------------------------------- validation
 
 
+def _special() -> Any:
+    """``scipy.special``, imported on first use (see the module docstring)."""
+    from scipy import special
+
+    return special
+
+
 def _f64(value: ArrayLike) -> NDArray[np.float64]:
+    """A result as a float64 array."""
     return np.asarray(value, dtype=np.float64)
 
 
 def _batch_size(m: ArrayLike, name: str = "m", minimum: float = 1.0) -> NDArray[np.float64]:
-    m_arr = _f64(m)
+    m_arr = as_real_array(name, m)
     if np.any(np.isnan(m_arr)) or np.any(m_arr < minimum):
         raise ValueError(f"batch size {name} must be >= {minimum:g} (and not NaN), got {m!r}")
     return m_arr
 
 
 def _decay(lam: ArrayLike) -> NDArray[np.float64]:
-    lam_arr = _f64(lam)
-    if np.any(np.isnan(lam_arr)) or np.any((lam_arr < 0) | (lam_arr > 1)):
-        raise ValueError(
-            f"lam must be a decay (weight on history) in [0, 1], got {lam!r}; "
-            "a PyTorch-style update rate u corresponds to lam = 1 - u"
-        )
-    return lam_arr
+    return check_decays("lam", lam)
 
 
 def _kurtosis(kurtosis: ArrayLike) -> NDArray[np.float64]:
-    k_arr = _f64(kurtosis)
+    k_arr = as_real_array("kurtosis", kurtosis)
     if np.any(np.isnan(k_arr)) or np.any(k_arr < 1):
         raise ValueError(
             "kurtosis must be the non-excess kurtosis E[(x-mu)^4]/sigma^4 >= 1 "
@@ -242,7 +252,7 @@ def _digamma_minus_log(x: NDArray[np.float64]) -> NDArray[np.float64]:
     out = np.empty_like(x)
     big = x >= _SERIES_MIN_X
     xs = x[~big]
-    out[~big] = special.digamma(xs) - np.log(xs)
+    out[~big] = _special().digamma(xs) - np.log(xs)
     inv2 = 1.0 / x[big] ** 2
     series = -inv2 * (
         1.0 / 12 - inv2 * (1.0 / 120 - inv2 * (1.0 / 252 - inv2 * (1.0 / 240 - inv2 / 132)))
@@ -276,7 +286,7 @@ def log_xi_sigma_var(m: ArrayLike) -> FloatArray:
     """
     half_k = (_batch_size(m) - 1.0) / 2.0
     with np.errstate(invalid="ignore", divide="ignore"):
-        out = np.where(half_k > 0, special.polygamma(1, np.maximum(half_k, 1e-300)), np.nan)
+        out = np.where(half_k > 0, _special().polygamma(1, np.maximum(half_k, 1e-300)), np.nan)
     return _f64(out)
 
 
@@ -305,7 +315,8 @@ def _log_inv_sqrt_mean(m_arr: NDArray[np.float64]) -> NDArray[np.float64]:
     out = np.empty_like(x)
     big = x >= _SERIES_MIN_X
     xs, ms = x[~big], m_arr[~big]
-    out[~big] = 0.5 * np.log(ms / 2.0) + special.gammaln(xs) - special.gammaln(xs + 0.5)
+    gammaln = _special().gammaln
+    out[~big] = 0.5 * np.log(ms / 2.0) + gammaln(xs) - gammaln(xs + 0.5)
     xb, mb = x[big], m_arr[big]
     # log G(x+1/2) - log G(x) = log(x)/2 - 1/(8x) + 1/(192x^3) - 1/(640x^5) + 17/(14336x^7) - ...
     inv = 1.0 / xb
@@ -328,11 +339,12 @@ def gaussian_xi_sigma_inv_sqrt_mean(m: ArrayLike) -> FloatArray:
     >>> round(float(gaussian_xi_sigma_inv_sqrt_mean(4)), 6)
     1.595769
     """
-    m_arr = np.atleast_1d(_batch_size(m))
+    m_in = _batch_size(m)
+    m_arr = np.atleast_1d(m_in)
     out = np.full(m_arr.shape, np.inf)
     ok = m_arr > 2
     out[ok] = np.exp(_log_inv_sqrt_mean(m_arr[ok]))
-    return out.reshape(np.shape(_f64(m)))
+    return out.reshape(m_in.shape)
 
 
 def gaussian_xi_sigma_inv_mean(m: ArrayLike) -> FloatArray:
@@ -358,7 +370,7 @@ def xhat_mean(m: ArrayLike, xtilde: ArrayLike) -> FloatArray:
     >>> round(float(xhat_mean(4, 0.5)), 4)
     0.7979
     """
-    m_arr, xt = np.broadcast_arrays(_batch_size(m), _f64(xtilde))
+    m_arr, xt = np.broadcast_arrays(_batch_size(m), as_real_array("xtilde", xtilde))
     c = gaussian_xi_sigma_inv_sqrt_mean(m_arr)
     with np.errstate(invalid="ignore"):
         return _f64(np.where(m_arr > 2, xt * np.where(np.isfinite(c), c, 0.0), np.nan))
@@ -375,7 +387,7 @@ def xhat_var(m: ArrayLike, xtilde: ArrayLike) -> FloatArray:
     >>> round(float(xhat_var(4, 0.5)), 4)
     1.3634
     """
-    m_arr, xt = np.broadcast_arrays(_batch_size(m), _f64(xtilde))
+    m_arr, xt = np.broadcast_arrays(_batch_size(m), as_real_array("xtilde", xtilde))
     m_flat = np.atleast_1d(m_arr)
     xt_flat = np.atleast_1d(xt)
     out = np.where(m_flat > 2, np.inf, np.nan)
@@ -403,9 +415,10 @@ def eq4_as_printed(
     >>> round(float(e), 2), round(float(v), 2)
     (0.69, 0.82)
     """
-    m_arr, xt = np.broadcast_arrays(_batch_size(m), _f64(xtilde))
+    m_arr, xt = np.broadcast_arrays(_batch_size(m), as_real_array("xtilde", xtilde))
     with np.errstate(invalid="ignore", divide="ignore"):
-        log_ratio = special.gammaln((m_arr - 2.0) / 2.0) - special.gammaln((m_arr - 1.0) / 2.0)
+        gammaln = _special().gammaln
+        log_ratio = gammaln((m_arr - 2.0) / 2.0) - gammaln((m_arr - 1.0) / 2.0)
         if sqrt_over_gamma_ratio:
             factor = np.exp(0.5 * (np.log((m_arr - 1.0) / 2.0) + log_ratio))
         else:
@@ -432,7 +445,7 @@ def effective_batch_size(m: ArrayLike, lam: ArrayLike) -> FloatArray:
     >>> float(effective_batch_size(4, 1.0))
     inf
     """
-    m_arr = _f64(m)
+    m_arr = as_real_array("m", m)
     if np.any(np.isnan(m_arr)) or np.any(m_arr <= 0):
         raise ValueError(f"batch size m must be > 0, got {m!r}")
     lam_arr = _decay(lam)
@@ -454,8 +467,8 @@ def lam_for_effective_batch_size(m: ArrayLike, target: ArrayLike) -> FloatArray:
     >>> float(lam_for_effective_batch_size(4, float("inf")))
     1.0
     """
-    m_arr = _f64(m)
-    t_arr = _f64(target)
+    m_arr = as_real_array("m", m)
+    t_arr = as_real_array("target", target)
     if (
         np.any(np.isnan(m_arr))
         or np.any(np.isnan(t_arr))
@@ -524,8 +537,8 @@ def eq11_endpoint_lam(m: ArrayLike, m0: ArrayLike) -> FloatArray:
     >>> float(eq11_endpoint_lam(4, 32))
     0.875
     """
-    m_arr = _f64(m)
-    m0_arr = _f64(m0)
+    m_arr = as_real_array("m", m)
+    m0_arr = as_real_array("m0", m0)
     if np.any(~(m_arr > 0)) or np.any(~(m0_arr > 0)) or np.any(np.isinf(m0_arr)):
         raise ValueError(f"m and m0 must be > 0 (m0 finite), got m={m!r}, m0={m0!r}")
     return _f64(1.0 - np.minimum(m_arr / m0_arr, 1.0))

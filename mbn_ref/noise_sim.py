@@ -1,29 +1,30 @@
-"""Monte Carlo samplers for the noise model of SPEC §6 (BN and MBN batch statistics).
+"""Monte Carlo samplers for the noise model of docs/spec.md §6 (BN and MBN batch statistics).
 
 Seeded (``numpy.random.Generator``), vectorized, NumPy only. Populations are standardized
 to a known mean and standard deviation, so ``xi_mu = (mu - mu_B)/sigma`` and
 ``xi_sigma = var_B/sigma**2`` are computed from raw draws exactly as a BN layer would see
-them (batch mean, two-pass biased variance). Used by ``tests/test_noise.py``, by
-``docs/plots/noise_variance.py`` and by the agreement table of
-``docs/derivations/noise.md``::
+them (batch mean, two-pass biased variance). Used by ``tests/test_noise_sim.py``, by
+``docs/plots/noise_variance.py`` and by ``docs/derivations/check_noise.py``, which prints the
+formula-versus-simulation table of ``docs/derivations/noise.md``.
 
-    python -m mbn_ref.noise_sim          # prints formula vs simulation (± standard error)
+Arguments follow the package's rules (:mod:`mbn_ref._validate`): counts are integers
+(``TypeError`` otherwise), decays host reals in ``[0, 1]``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 from numpy.typing import NDArray
 
+from ._validate import check_decay, check_int, check_positive, check_real
+
 __all__ = [
     "POPULATION_KINDS",
     "Population",
-    "agreement_table",
     "burn_in_steps",
     "mean_with_se",
     "sample_bn_noise",
@@ -65,8 +66,8 @@ class Population:
             raise ValueError(
                 f"population kind must be one of {POPULATION_KINDS}, got {self.kind!r}"
             )
-        if not (self.std > 0 and math.isfinite(self.std) and math.isfinite(self.mean)):
-            raise ValueError(f"population needs a finite mean and std > 0, got {self}")
+        check_real("population mean", self.mean)
+        check_positive("population std", self.std)
 
     @property
     def kurtosis(self) -> float:
@@ -112,12 +113,6 @@ def _population(population: Population | PopulationKind) -> Population:
     return population if isinstance(population, Population) else Population(population)
 
 
-def _check_int(name: str, value: int, minimum: int) -> int:
-    if isinstance(value, bool) or int(value) != value or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def _batch_stats(pop: Population, rng: np.random.Generator, n: int, m: int) -> tuple[Array, Array]:
     """``(xi_mu, xi_sigma)`` of ``n`` fresh batches of size ``m`` (two-pass biased variance)."""
     x = pop.sample(rng, (n, m))
@@ -143,8 +138,8 @@ def sample_bn_noise(
     >>> round(float(xi_mu.var()), 2), round(float(xi_sigma.mean()), 2)
     (0.25, 0.75)
     """
-    m = _check_int("m", m, 1)
-    n_batches = _check_int("n_batches", n_batches, 1)
+    m = check_int("m", m, minimum=1)
+    n_batches = check_int("n_batches", n_batches, minimum=1)
     pop = _population(population)
     parts = [_batch_stats(pop, rng, n, m) for n in _chunks(n_batches, m)]
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
@@ -161,10 +156,11 @@ def burn_in_steps(lam: float, tol: float = 1e-6) -> int:
     >>> burn_in_steps(0.0), burn_in_steps(0.5), burn_in_steps(0.9)
     (0, 11, 80)
     """
-    if not 0 <= lam < 1:
-        raise ValueError(f"lam must be a decay in [0, 1) for a stationary regime, got {lam}")
-    if not 0 < tol < 1:
-        raise ValueError(f"tol must be in (0, 1), got {tol}")
+    lam = check_decay("lam", lam)
+    if lam == 1:
+        raise ValueError("lam must be a decay in [0, 1) for a stationary regime, got 1")
+    if not 0 < check_real("tol", tol) < 1:
+        raise ValueError(f"tol must be in (0, 1), got {tol!r}")
     if lam == 0:
         return 0
     excess = 2 * lam / (1 - lam)
@@ -194,9 +190,10 @@ def sample_mbn_noise(
     >>> round(float(xi_mu.var()), 3)
     0.036
     """
-    m = _check_int("m", m, 1)
-    n_samples = _check_int("n_samples", n_samples, 1)
-    steps = burn_in_steps(lam, tol) if burn_in is None else _check_int("burn_in", burn_in, 0)
+    m = check_int("m", m, minimum=1)
+    n_samples = check_int("n_samples", n_samples, minimum=1)
+    lam = check_decay("lam", lam)
+    steps = burn_in_steps(lam, tol) if burn_in is None else check_int("burn_in", burn_in, minimum=0)
     pop = _population(population)
     mus: list[Array] = []
     sigmas: list[Array] = []
@@ -229,8 +226,9 @@ def sample_xhat(
     >>> round(float(xhat.mean()), 2)
     0.54
     """
-    m = _check_int("m", m, 2)
-    if lam == 0:
+    m = check_int("m", m, minimum=2)
+    xtilde = check_real("xtilde", xtilde)
+    if check_decay("lam", lam) == 0:
         xi_mu, xi_sigma = sample_bn_noise(m, n, population, rng)
     else:
         xi_mu, xi_sigma = sample_mbn_noise(m, lam, n, population, rng)
@@ -261,176 +259,3 @@ def var_with_se(x: Array) -> tuple[float, float]:
     s2 = float(d @ d / (n - 1))
     m4 = float(np.mean(d**4))
     return s2, math.sqrt(max(m4 - s2**2, 0.0) / n)
-
-
-@dataclass(frozen=True)
-class AgreementRow:
-    """One line of the formula-versus-simulation table."""
-
-    quantity: str
-    setting: str
-    formula: str
-    value: float
-    simulated: float
-    se: float
-
-    @property
-    def z(self) -> float:
-        """``(simulated - value)/se``: how many standard errors apart."""
-        return (self.simulated - self.value) / self.se if self.se > 0 else math.inf
-
-
-def agreement_table(seed: int = 20200823, n: int = 400_000) -> list[AgreementRow]:
-    """Formula versus Monte Carlo (± one standard error) for every quantity of SPEC §6.
-
-    Includes the paper's printed Eq. 4 and Eq. 10, which the simulation rejects. Needs
-    SciPy (through :mod:`mbn_ref.noise`).
-    """
-    from mbn_ref import noise  # scipy only when the table is asked for
-
-    rng = np.random.default_rng(seed)
-    rows: list[AgreementRow] = []
-
-    def add(q: str, s: str, f: str, value: Any, sim: tuple[float, float]) -> None:
-        rows.append(AgreementRow(q, s, f, float(value), sim[0], sim[1]))
-
-    for kind in POPULATION_KINDS:
-        pop = Population(kind)
-        xi_mu, xi_sigma = sample_bn_noise(4, n, pop, rng)
-        s = f"BN m=4 {kind}"
-        add("Var[xi_mu]", s, "1/m", noise.bn_xi_mu_var(4), var_with_se(xi_mu))
-        add("E[xi_sigma]", s, "(m-1)/m", noise.bn_xi_sigma_mean(4), mean_with_se(xi_sigma))
-        add(
-            "Var[xi_sigma]",
-            s,
-            "(m-1)/m^3((m-1)k-(m-3))",
-            noise.bn_xi_sigma_var(4, pop.kurtosis),
-            var_with_se(xi_sigma),
-        )
-        if kind != "gaussian":
-            add(
-                "Var[xi_sigma]",
-                s,
-                "2(m-1)/m^2 (Gaussian only)",
-                noise.bn_xi_sigma_var(4),
-                var_with_se(xi_sigma),
-            )
-    for m, lam in ((4, 0.75), (4, 0.6), (16, 0.9)):
-        xi_mu, xi_sigma = sample_mbn_noise(m, lam, n // 4, "gaussian", rng)
-        s = f"MBN m={m} lam={lam}"
-        add("Var[xi_mu]", s, "(1-lam)/((1+lam)m)", noise.mbn_xi_mu_var(m, lam), var_with_se(xi_mu))
-        add(
-            "Var[xi_mu]",
-            s,
-            "Eq.10 printed (1-lam)/m",
-            noise.eq10_var_xi_mu_as_printed(m, lam),
-            var_with_se(xi_mu),
-        )
-        add("E[xi_sigma]", s, "(m-1)/m", noise.mbn_xi_sigma_mean(m, lam), mean_with_se(xi_sigma))
-        add(
-            "Var[xi_sigma]",
-            s,
-            "(1-lam)/(1+lam) 2(m-1)/m^2",
-            noise.mbn_xi_sigma_var(m, lam),
-            var_with_se(xi_sigma),
-        )
-    xi_mu, xi_sigma = sample_mbn_noise(4, 0.75, n // 4, "exponential", rng)
-    s = "MBN m=4 lam=0.75 exponential"
-    add("Var[xi_mu]", s, "(1-lam)/((1+lam)m)", noise.mbn_xi_mu_var(4, 0.75), var_with_se(xi_mu))
-    add(
-        "Var[xi_sigma]",
-        s,
-        "(1-lam)/(1+lam) Var_BN(k=9)",
-        noise.mbn_xi_sigma_var(4, 0.75, 9.0),
-        var_with_se(xi_sigma),
-    )
-    # Eq. 11 end point, m = 4, m0 = 32: lam = 0.875
-    xi_mu, xi_sigma = sample_mbn_noise(4, 0.875, n // 4, "gaussian", rng)
-    s = "MBN m=4 lam=0.875 (Eq.11 end, m0=32)"
-    add("Var[xi_mu]", s, "1/(2m0-m) = 1/60", 1 / 60, var_with_se(xi_mu))
-    add("Var[xi_mu]", s, "paper's claim 1/m0 = 1/32", 1 / 32, var_with_se(xi_mu))
-    m_sig = noise.eq11_endpoint_effective_batch_size_sigma(4, 32)
-    add(
-        "Var[xi_sigma]",
-        s,
-        f"BN at m'={float(m_sig):.2f}",
-        noise.bn_xi_sigma_var(m_sig),
-        var_with_se(xi_sigma),
-    )
-    add(
-        "Var[xi_sigma]",
-        s,
-        "paper's claim: BN at m0=32",
-        noise.bn_xi_sigma_var(32),
-        var_with_se(xi_sigma),
-    )
-    # Eq. 4, m = 4 (mean) and m = 16 (variance; at m = 4 the sample variance has infinite variance)
-    xhat = sample_xhat(4, 0.5, n, "gaussian", rng)
-    s = "xhat m=4 xtilde=0.5"
-    add("E[xhat]", s, "corrected Eq.4", noise.xhat_mean(4, 0.5), mean_with_se(xhat))
-    add("E[xhat]", s, "Eq.4 printed", noise.eq4_as_printed(4, 0.5)[0], mean_with_se(xhat))
-    add(
-        "E[xhat]",
-        s,
-        "Eq.4 printed, sqrt over Gamma ratio",
-        noise.eq4_as_printed(4, 0.5, sqrt_over_gamma_ratio=True)[0],
-        mean_with_se(xhat),
-    )
-    cap = 100.0
-    lower = mean_with_se(np.minimum(xhat**2, cap))
-    add(
-        "E[min(xhat^2,100)], a lower bound of E[xhat^2]",
-        s,
-        "corrected: E[xhat^2]=(1+m xt^2)/(m-3)",
-        noise.xhat_var(4, 0.5) + noise.xhat_mean(4, 0.5) ** 2,
-        lower,
-    )
-    e_p, v_p = noise.eq4_as_printed(4, 0.5)
-    add(
-        "E[min(xhat^2,100)], a lower bound of E[xhat^2]",
-        s,
-        "Eq.4 printed: Var+E^2",
-        v_p + e_p**2,
-        lower,
-    )
-    for m in (16,):
-        xhat = sample_xhat(m, 0.5, n, "gaussian", rng)
-        s = f"xhat m={m} xtilde=0.5"
-        add("E[xhat]", s, "corrected Eq.4", noise.xhat_mean(m, 0.5), mean_with_se(xhat))
-        add("E[xhat]", s, "Eq.4 printed", noise.eq4_as_printed(m, 0.5)[0], mean_with_se(xhat))
-        add("Var[xhat]", s, "corrected Eq.4", noise.xhat_var(m, 0.5), var_with_se(xhat))
-        add("Var[xhat]", s, "Eq.4 printed", noise.eq4_as_printed(m, 0.5)[1], var_with_se(xhat))
-    for m in (4, 16):
-        _, xi_sigma = sample_bn_noise(m, n, "gaussian", rng)
-        s = f"BN m={m} gaussian"
-        add(
-            "E[(log xi_sigma)^2]",
-            s,
-            "trigamma+(digamma+log(2/m))^2",
-            noise.log_xi_sigma_sq_mean(m),
-            mean_with_se(np.log(xi_sigma) ** 2),
-        )
-    return rows
-
-
-def format_table(rows: Sequence[AgreementRow]) -> str:
-    """The rows as a Markdown table (z = (simulated - formula)/SE)."""
-    lines = [
-        "| quantity | setting | formula | value | simulated ± SE | z |",
-        "| --- | --- | --- | ---: | ---: | ---: |",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r.quantity} | {r.setting} | {r.formula} | {r.value:.5f} | "
-            f"{r.simulated:.5f} ± {r.se:.5f} | {r.z:+.1f} |"
-        )
-    return "\n".join(lines)
-
-
-def main() -> None:
-    """Print the agreement table (``python -m mbn_ref.noise_sim``)."""
-    print(format_table(agreement_table()))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,4 @@
-"""Independent float64 references for BN and MBN, written from SPEC §2-3 without the core.
+"""Independent float64 references for BN and MBN, written from docs/spec.md §2-3 without the core.
 
 ``forward_np`` is plain NumPy (forward and state update, one step); ``forward_torch`` is plain
 PyTorch, differentiable by autograd (the previous statistics are constants). Neither imports

@@ -82,7 +82,7 @@ def _channel(v: np.ndarray) -> np.ndarray:
 
 
 def _compute_dtype(dtype: np.dtype[Any]) -> type[np.floating[Any]]:
-    """Statistics accumulate in at least float32 (SPEC §7)."""
+    """Statistics accumulate in at least float32 (docs/spec.md §7)."""
     return np.float64 if dtype == np.float64 else np.float32
 
 
@@ -204,7 +204,7 @@ class HandWrittenBN:
         n = int(state["num_batches_tracked"])
         if algorithm == "mbn":
             lam = self._lam(lam, state, sum(x.shape[0] for x in xs))
-        if m == 0 and not self._has("empty_batch_update"):  # SPEC §9: state unchanged
+        if m == 0 and not self._has("empty_batch_update"):  # docs/spec.md §9: state unchanged
             ctx = _Ctx(shards, dtypes, axis, g, mean, mean, mean, 0.0, 0)
             return [x.copy() for x in xs], state, ctx
         bn_alone = algorithm == "bn" or lam == 0.0

@@ -1,7 +1,8 @@
 """Shared fixtures: the Array API namespaces under test and the hypothesis profiles.
 
 Namespaces: NumPy, ``array-api-strict`` (the proof of portability), PyTorch tensors through
-array-api-compat, and CuPy (skipped with a reason without a GPU). ``MBN_TEST_NAMESPACES``
+array-api-compat, JAX (CPU, float64 enabled: immutable arrays, so an in-place write to an
+input fails there), and CuPy (skipped with a reason without a GPU). ``MBN_TEST_NAMESPACES``
 (comma-separated) narrows the set.
 """
 
@@ -26,7 +27,7 @@ settings.register_profile(
 settings.register_profile("dev", deadline=None, max_examples=100)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
-NAMESPACES = ("numpy", "array_api_strict", "torch", "cupy")
+NAMESPACES = ("numpy", "array_api_strict", "torch", "jax", "cupy")
 
 
 def _load(name: str) -> Any:
@@ -41,6 +42,12 @@ def _load(name: str) -> Any:
     if name == "torch":
         pytest.importorskip("torch")
         import array_api_compat.torch as xp
+
+        return xp
+    if name == "jax":
+        jax = pytest.importorskip("jax")
+        jax.config.update("jax_enable_x64", True)  # float64 is the spec precision
+        import jax.numpy as xp
 
         return xp
     if name == "cupy":

@@ -1,4 +1,4 @@
-"""BN/MBN backward (SPEC §2-3, Eq. 13 corrected) against float64 autograd and finite
+"""BN/MBN backward (docs/spec.md §2-3, Eq. 13 corrected) against float64 autograd and finite
 differences, and the printed Eq. 13 shown wrong."""
 
 from __future__ import annotations
@@ -187,7 +187,7 @@ def test_bn_backward_matches_finite_differences(layout):
 def test_mbn_backward_property_finite_differences(n, c, spatial, channels_last, lam, eps, seed):
     shape = (n, *spatial, c) if channels_last else (n, c, *spatial)
     m = n * int(np.prod(spatial))
-    assume(m >= 2 or lam > 0)  # m = 1 with lam = 0 is an error (SPEC §3)
+    assume(m >= 2 or lam > 0)  # m = 1 with lam = 0 is an error (docs/spec.md §3)
     _check_fd("mbn", shape, -1 if channels_last else 1, lam, eps, seed, rtol=1e-5)
 
 

@@ -1,4 +1,4 @@
-"""Every row of SPEC §9 that concerns BN/MBN: what each bad input gets."""
+"""Every row of docs/spec.md §9 that concerns BN/MBN: what each bad input gets."""
 
 from __future__ import annotations
 
@@ -118,12 +118,25 @@ def test_integer_dy_is_a_type_error():
 @pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), float("inf")])
 def test_decays_outside_unit_interval(bad):
     x = _x()
-    with pytest.raises(ValueError, match="decay must be a decay in"):
+    with pytest.raises(ValueError, match=r"decay must be a decay \(weight on history\) in"):
         mr.bn_forward(x, mr.init_bn_state(3), decay=bad)
-    with pytest.raises(ValueError, match="lam must be a decay in"):
+    with pytest.raises(ValueError, match=r"lam must be a decay \(weight on history\) in"):
         mr.mbn_forward(x, mr.init_state(3), lam=bad)
-    with pytest.raises(ValueError, match="tau must be a decay in"):
+    with pytest.raises(ValueError, match=r"tau must be a decay .* update rate u"):
         mr.mbn_forward(x, mr.init_state(3), tau=bad)
+
+
+@pytest.mark.parametrize("bad", [True, "0.9", np.bool_(False)])
+def test_decays_of_the_wrong_type(bad):
+    with pytest.raises(TypeError, match="decay must be a real number"):
+        mr.bn_forward(_x(), mr.init_bn_state(3), decay=bad)
+    with pytest.raises(TypeError, match="lam must be a real number"):
+        mr.mbn_forward(_x(), mr.init_state(3), lam=bad)
+
+
+def test_decay_arrays_must_be_0d():
+    with pytest.raises(ValueError, match=r"scalar decay .* shape \(3,\)"):
+        mr.mbn_forward(_x(), mr.init_state(3), lam=np.full(3, 0.5))
 
 
 def test_lam_none_is_rejected():
@@ -131,11 +144,13 @@ def test_lam_none_is_rejected():
         mr.mbn_forward(_x(), mr.init_state(3), lam=None)
 
 
-@pytest.mark.parametrize("eps", [0.0, -1e-5, float("nan")])
+@pytest.mark.parametrize("eps", [0.0, -1e-5, float("nan"), float("inf")])
 @pytest.mark.parametrize("kind", list(FORWARDS))
 def test_eps_must_be_positive(kind, eps):
-    with pytest.raises(ValueError, match="eps must be a real number > 0"):
+    with pytest.raises(ValueError, match=r"eps must be (> 0|finite)"):
         FORWARDS[kind](_x(), eps=eps)
+    with pytest.raises(TypeError, match="eps must be a real number"):
+        FORWARDS[kind](_x(), eps="1e-5")
 
 
 @pytest.mark.parametrize("kind", list(FORWARDS))
@@ -161,10 +176,19 @@ def test_bn_training_with_one_value_per_channel(shape):
     np.testing.assert_allclose(y, x / np.sqrt(1 + 1e-5), rtol=1e-15)
 
 
-@pytest.mark.parametrize("lam", [0.0, np.asarray(0.0)], ids=["float", "0d-array"])
-def test_mbn_lam_zero_with_one_value_per_channel(lam):
+def test_mbn_lam_zero_with_one_value_per_channel():
     with pytest.raises(ValueError, match=r"more than 1 value per channel.*lam = 0"):
-        mr.mbn_forward(_x((1, 3)), mr.init_state(3), lam=lam)
+        mr.mbn_forward(_x((1, 3)), mr.init_state(3), lam=0.0)
+
+
+def test_mbn_array_lam_is_never_read_on_the_host():
+    """A decay held as an array (runtime state, possibly a tracer or on a GPU) is not read to
+    check the one-value rule (docs/spec.md §9): with lam = 0 the batch's zero variance
+    normalizes and the output is beta, finite, as a compiled graph would compute it."""
+    beta = np.array([0.5, -1.0, 2.0])
+    y, state, _ = mr.mbn_forward(_x((1, 3)), mr.init_state(3), None, beta, lam=np.asarray(0.0))
+    np.testing.assert_array_equal(y, beta[None, :])
+    assert int(state.num_batches_tracked) == 1
 
 
 @pytest.mark.parametrize("lam", [0.5, 0.9375])
@@ -344,7 +368,7 @@ def test_bad_num_batches_tracked(counter):
 
 @pytest.mark.parametrize("field", ["running_var", "moving_mean"])
 def test_state_with_wrong_dtype_names_the_field(field):
-    """SPEC §9: a state with a wrong dtype is a ValueError naming the key."""
+    """docs/spec.md §9: a state with a wrong dtype is a ValueError naming the key."""
     state = mr.init_state(3)
     state = state._replace(**{field: np.ones(3, dtype=np.int64)})
     with pytest.raises(ValueError, match=field):

@@ -4,7 +4,7 @@
 write a report whose schema is complete, whose every time and ratio is a positive finite
 number, and whose contenders agree on the output they time (so a benchmark never compares
 unlike computations). Nothing here asserts a speed: timings belong in the JSON, not in tests
-(docs: DESIGN.md, "benchmarks").
+(benchmarks/README.md).
 """
 
 from __future__ import annotations

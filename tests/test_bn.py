@@ -1,4 +1,4 @@
-"""BN (SPEC §2) against PyTorch's own batch norm over multi-step trajectories, and BN's
+"""BN (docs/spec.md §2) against PyTorch's own batch norm over multi-step trajectories, and BN's
 invariances."""
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def test_bn_matches_torch_functional_trajectory(momentum, dtype):
 
 
 def test_torch_momentum_point1_is_decay_point9():
-    """SPEC §1: PyTorch's momentum is an update rate; 0.1 means our decay 0.9."""
+    """docs/spec.md §1: PyTorch's momentum is an update rate; 0.1 means our decay 0.9."""
     rm, rv = torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
     state = mr.init_bn_state(2)
     for x in _batches((8, 2), 5, seed=1):

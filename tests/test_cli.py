@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import subprocess
 import sys
+import textwrap
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import mbn_ref
+from mbn_ref import cli
 from mbn_ref.cli import main
+from mbn_ref.conventions import update_rate_from_decay
 from mbn_ref.schedules import mbn_lambda, mbn_tau
 
 
@@ -74,8 +80,10 @@ def test_schedule_json_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     data = json.loads(path.read_text())
     assert data["epoch"] == list(range(1, 51))
     assert data["lam"] == [mbn_lambda(t, total_epochs=50, batch_size=2) for t in range(1, 51)]
-    assert data["lam_torch_momentum"] == [1 - v for v in data["lam"]]
+    # the one converter of mbn_ref.conventions, bit for bit (1 - 0.9 reads 0.1)
+    assert data["lam_torch_momentum"] == [update_rate_from_decay(v) for v in data["lam"]]
     assert data["tau"] == mbn_tau(batch_size=2)
+    assert data["tau_torch_momentum"] == update_rate_from_decay(data["tau"])
     assert data["batch_size"] == 2 and data["ideal_batch_size"] == 32
     assert "decay" in data["conventions"]["values"]
 
@@ -86,11 +94,81 @@ def test_schedule_json_stdout(capsys: pytest.CaptureFixture[str]) -> None:
     assert data["lam"][-1] == 0.75
 
 
-def test_schedule_json_unwritable(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    bad = tmp_path / "missing-dir" / "x.json"
-    assert main(["schedule", "--batch-size", "2", "--epochs", "5", "--json", str(bad)]) == 1
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "cannot write" in err
+@pytest.mark.parametrize("where", ["missing-dir/x.json", "."])
+def test_schedule_json_unwritable(
+    where: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An output that cannot be written is a usage error (exit 2), found before any output."""
+    bad = tmp_path / where
+    assert main(["schedule", "--batch-size", "2", "--epochs", "5", "--json", str(bad)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # nothing printed before the check
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "cannot write" in lines[0] and str(bad) in lines[0]
+    assert lines[0].startswith("mbn-ref schedule: error:")
+
+
+def _count_lam_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Make every Eq. 11 evaluation of the command append its epoch to the returned list."""
+    calls: list[int] = []
+    real = cli.mbn_lambda_schedule
+
+    def counting(*args: Any, **kwargs: Any) -> Callable[[float], float]:
+        schedule = real(*args, **kwargs)
+
+        def wrapped(count: float, /) -> float:
+            calls.append(int(count) + 1)
+            return schedule(count)
+
+        return wrapped
+
+    monkeypatch.setattr(cli, "mbn_lambda_schedule", counting)
+    return calls
+
+
+def test_schedule_computes_only_the_rows_it_prints(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--epochs 10000000 prints 21 rows and evaluates Eq. 11 21 times (it used to compute and
+    hold every epoch: about a minute and 1.2 GB)."""
+    calls = _count_lam_calls(monkeypatch)
+    assert main(["schedule", "--batch-size", "2", "--epochs", "10000000"]) == 0
+    rows = table_rows(capsys.readouterr().out)
+    assert sorted(rows) == [1, *range(500_000, 10_000_001, 500_000)]
+    assert sorted(calls) == sorted(rows)  # each printed epoch once, nothing else
+    assert rows[10_000_000] == (0.9375, 0.0625)
+    calls.clear()
+    assert main(["schedule", "--batch-size", "2", "--epochs", "1000", "--every", "300"]) == 0
+    assert sorted(table_rows(capsys.readouterr().out)) == [1, 300, 600, 900, 1000]
+    assert sorted(calls) == [1, 300, 600, 900, 1000]
+
+
+def test_schedule_json_holds_every_epoch(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "r.json"
+    argv = ["schedule", "--batch-size", "4", "--epochs", "7"]
+    assert main([*argv, "--json", str(path)]) == 0
+    text = path.read_text()
+    data = json.loads(text)
+    assert list(data) == [
+        "conventions",
+        "batch_size",
+        "ideal_batch_size",
+        "total_epochs",
+        "tau0",
+        "epoch",
+        "lam",
+        "lam_torch_momentum",
+        "tau",
+        "tau_torch_momentum",
+        "end_point_effective_batch_size",
+    ]
+    assert data["epoch"] == list(range(1, 8))
+    assert data["lam"] == [mbn_lambda(t, total_epochs=7, batch_size=4) for t in range(1, 8)]
+    capsys.readouterr()
+    assert main([*argv, "--json", "-"]) == 0
+    assert capsys.readouterr().out == text  # the same document on stdout
 
 
 @pytest.mark.parametrize(
@@ -102,8 +180,16 @@ def test_schedule_json_unwritable(tmp_path: Path, capsys: pytest.CaptureFixture[
         (["schedule", "--batch-size", "2"], "--epochs"),
         (["schedule", "--batch-size", "2", "--epochs", "3", "--tau0", "1.0"], "tau0"),
         (["schedule", "--batch-size", "2", "--epochs", "3", "--every", "0"], "--every"),
+        (["schedule", "--batch-size", "2", "--epochs", "3", "--tau0", "nan"], "tau0"),
+        (["schedule", "--batch-size", "2", "--epochs", "3", "--json"], "--json"),
         ([], "COMMAND"),
         (["nonsense"], "nonsense"),
+        # the plugin subcommand follows the same rule
+        (["conformance"], "--backend"),
+        (["conformance", "--backend", "numpy", "--json"], "--json"),
+        (["conformance", "--impl", "no_such_module_xyz:make"], "no_such_module_xyz"),
+        (["conformance", "--impl", "nocolon"], "module:factory"),
+        (["conformance", "--backend", "numpy", "--json", "/no/such/dir/r.json"], "cannot write"),
     ],
 )
 def test_errors_are_one_line_exit_2(
@@ -162,3 +248,108 @@ def test_schedule_reports_what_the_end_point_really_matches(
     assert "batch size\n60.0 in the mean" in capsys.readouterr().out
     assert main(["schedule", "--batch-size", "32", "--epochs", "10"]) == 0
     assert "At t = T" not in capsys.readouterr().out  # m >= m0: MBN is BN, nothing to claim
+
+
+# ----------------------------------------------------------------------- subcommand plugins
+
+PLUGIN = "mbn_ref_test_plugin_xyz"
+
+
+def _with_entry_points(monkeypatch: pytest.MonkeyPatch, **eps: str) -> None:
+    """The installed entry points of the subcommand group plus ``name=value`` ones."""
+    real = cli._entry_points
+    extra = [importlib.metadata.EntryPoint(n, v, cli.COMMAND_GROUP) for n, v in eps.items()]
+    monkeypatch.setattr(cli, "_entry_points", lambda: [*real(), *extra])
+
+
+def _plugin_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str) -> None:
+    (tmp_path / f"{PLUGIN}.py").write_text(textwrap.dedent(body))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, PLUGIN, raising=False)
+
+
+def test_the_distribution_declares_the_conformance_plugin() -> None:
+    eps = importlib.metadata.entry_points(group=cli.COMMAND_GROUP)
+    assert {ep.name: ep.value for ep in eps}["conformance"] == "mbn_conformance.cli:register"
+
+
+GOOD_PLUGIN = """
+    def register(subparsers):
+        parser = subparsers.add_parser("hello", help="say hello")
+        parser.add_argument("--name", required=True)
+        parser.set_defaults(run=lambda args: print("hello", args.name) or 3)
+"""
+
+
+def test_a_plugin_adds_a_subcommand(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _plugin_module(tmp_path, monkeypatch, GOOD_PLUGIN)
+    _with_entry_points(monkeypatch, hello=f"{PLUGIN}:register", schedule=f"{PLUGIN}:nope")
+    assert main(["schedule", "--batch-size", "2", "--epochs", "3"]) == 0  # built-ins win
+    assert PLUGIN not in sys.modules  # a plugin loads only when its subcommand is used
+    capsys.readouterr()
+    assert main(["hello", "--name", "x"]) == 3  # the plugin's own exit status
+    assert capsys.readouterr().out == "hello x\n"
+    assert main(["hello"]) == 2  # its usage errors are one line, exit 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mbn-ref hello: error:") and "--name" in err[0]
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "say hello" in out and "run the conformance suite" in out
+
+
+@pytest.mark.parametrize(
+    ("body", "value", "match"),
+    [
+        (None, "no_such_module_xyz:register", "is not importable"),
+        ("raise RuntimeError('boom\\nsecond line')", f"{PLUGIN}:register", "failed to load"),
+        ("", f"{PLUGIN}:register", "AttributeError"),
+        ("def register(subparsers):\n    raise ValueError('bad')", f"{PLUGIN}:register", "bad"),
+        ("def register(subparsers):\n    pass", f"{PLUGIN}:register", "no subcommand"),
+        (
+            "def register(subparsers):\n    subparsers.add_parser('broken')\n    1/0",
+            f"{PLUGIN}:register",
+            "ZeroDivisionError",
+        ),
+    ],
+)
+def test_a_broken_plugin_fails_alone_on_one_line(
+    body: str | None,
+    value: str,
+    match: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    if body is not None:
+        _plugin_module(tmp_path, monkeypatch, body)
+    _with_entry_points(monkeypatch, broken=value)
+    assert main(["broken", "--any", "args"]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("mbn-ref broken: error:") and match in lines[0]
+    assert value in lines[0] and "Traceback" not in captured.err and captured.out == ""
+    # the other subcommands, and the help listing, keep working
+    assert main(["schedule", "--batch-size", "2", "--epochs", "3"]) == 0
+    assert main(["--help"]) == 0
+    assert "broken" in capsys.readouterr().out
+    assert main(["conformance", "--backend", "numpy", "--cases", "cumulative/*"]) == 0
+
+
+def test_a_reader_that_stops_early_gets_no_traceback() -> None:
+    """``mbn-ref schedule ... --every 1 | head -1``: a broken pipe ends the command quietly."""
+    cmd = [sys.executable, "-m", "mbn_ref.cli", "schedule", "--batch-size", "2"]
+    proc = subprocess.Popen(
+        [*cmd, "--epochs", "1000000", "--every", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline().startswith("# mbn-ref schedule")
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 1
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TABLE = ROOT / "docs" / "conformance_catch_table.md"
 
 # bug -> case-id patterns, at least one of which must be among the failing cases: the cases
-# designed to expose it (SPEC §10's grid), not just any case that happens to fail
+# designed to expose it (docs/spec.md §10's grid), not just any case that happens to fail
 EXPECTED_CATCHERS: dict[str, tuple[str, ...]] = {
     "decay_as_rate": ("bn/*/N2/float64/eps1e-05/biased", "mbn/*lam0.9375*"),
     "eps_outside_sqrt": ("*/eps0.5/*", "*zero_var_channel"),

@@ -173,6 +173,20 @@ def test_usage_errors_exit_2(
     assert lines[0].startswith("mbn-ref")
 
 
+def test_an_unwritable_report_fails_before_any_case_runs(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mbn_conformance import cli as suite_cli
+
+    def no_run(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("cases ran although the report cannot be written")
+
+    monkeypatch.setattr(suite_cli, "run", no_run)
+    assert main(["conformance", "--backend", "numpy", "--json", "/no/such/dir/r.json"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "cannot write /no/such/dir/r.json" in err
+
+
 def test_core_does_not_import_the_suite() -> None:
     code = "import sys, mbn_ref, mbn_ref.cli; print('mbn_conformance' in sys.modules)"
     out = subprocess.run(

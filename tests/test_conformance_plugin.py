@@ -134,7 +134,7 @@ def test_builtin_adapters_hold_every_property(backend: str, only: str | None) ->
 
 
 class _LamSwapped(builtin.CoreAdapter):
-    """Passes ``1 - lam``: the decay/update-rate confusion of SPEC §1."""
+    """Passes ``1 - lam``: the decay/update-rate confusion of docs/spec.md §1."""
 
     def train_step(self, algorithm: str, state: Any, x: Any, g: Any, b: Any, **kw: Any) -> Any:
         kw["lam"] = 1 - kw["lam"]
@@ -153,8 +153,8 @@ class _MBNFullGradient(builtin.CoreAdapter):
     """MBN gradient as if the batch statistics had weight 1 (the missing ``1 - lam``)."""
 
     def backward(self, ctx: Any, dy: Any) -> Any:
-        if ctx.stats_weight not in (0, 1):
-            ctx = ctx._replace(stats_weight=1.0)
+        if ctx.batch_mean is not None:  # training: weight 1 instead of 1 - lam
+            ctx = ctx.replace(stats_weight=ctx.stats_weight * 0 + 1)
         return super().backward(ctx, dy)
 
 

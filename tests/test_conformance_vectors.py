@@ -130,7 +130,7 @@ def test_tolerances_scale_with_trajectory_and_reduction_and_override_has_reason(
     _, none = tolerances.tolerance_for(
         "bn/NCHW/N3/float32/eps1e-05/biased/offset", "running_var", "float32", 0, 18
     )
-    assert none == ""  # statistics of offset data get no leniency (SPEC §7)
+    assert none == ""  # statistics of offset data get no leniency (docs/spec.md §7)
 
 
 def test_compare_judges_nan_shape_and_scale() -> None:

@@ -1,4 +1,5 @@
-"""Multi-device aggregation (SPEC §5): merged moments, synchronized BN/MBN, per-device MBN."""
+"""Multi-device aggregation (docs/spec.md §5): merged moments, synchronized BN/MBN, per-device
+MBN."""
 
 from __future__ import annotations
 
@@ -152,7 +153,7 @@ def test_merge_rejects_negative_counts_and_mismatched_shapes() -> None:
 
 
 def test_float32_offset_merge_is_stable_while_raw_moments_are_not() -> None:
-    """SPEC §5/§7: mean 1e4, std 1, float32. Merging the same float32 shard moments, Chan's
+    """docs/spec.md §5/§7: mean 1e4, std 1, float32. Merging the same float32 shard moments, Chan's
     merge stays within 1e-5 relative of the exact (float64) merge, while going through raw
     moments, E[x^2] - E[x]^2 (Keras' synchronized BN, Flax's fast variance), loses every
     digit. Synchronized BN on the data itself matches float64 within 1e-5."""

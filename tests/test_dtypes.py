@@ -1,4 +1,4 @@
-"""SPEC §7: low-precision inputs accumulate in float32 and come back in their own dtype; the
+"""docs/spec.md §7: low-precision inputs accumulate in float32 and come back in their own dtype; the
 batch variance is stable for offset data; no silent promotion of the caller's arrays."""
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def test_low_precision_state_stays_low_precision(case):
 
 
 def test_offset_float32_variance_is_stable_on_every_namespace(xp):
-    """mean 1e4, std 1, float32: var_B within 1e-5 relative of float64 (SPEC §7), where the
+    """mean 1e4, std 1, float32: var_B within 1e-5 relative of float64 (docs/spec.md §7), where the
     naive E[x^2] - E[x]^2 in float32 is off by far more."""
     x_np = _data((64, 8, 16, 16), seed=3, loc=1e4, scale=1.0).astype(np.float32)
     axes = (0, 2, 3)

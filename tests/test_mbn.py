@@ -1,4 +1,4 @@
-"""MBN (SPEC §3, Algorithm 1) against the float64 reference over trajectories, and
+"""MBN (docs/spec.md §3, Algorithm 1) against the float64 reference over trajectories, and
 ``lam = 0`` reproducing BN exactly."""
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def test_mbn_lam_one_freezes_moving_statistics():
 @pytest.mark.parametrize("estimator", ["biased", "unbiased"])
 @pytest.mark.parametrize("layout", ["NC", "NCHW", "NHWC"])
 def test_mbn_lam_zero_is_bn(layout, estimator):
-    """SPEC §3: lam = 0 makes MBN exactly BN: outputs, gradients, inference statistics."""
+    """docs/spec.md §3: lam = 0 makes MBN exactly BN: outputs, gradients, inference statistics."""
     shape, axis = LAYOUTS[layout]
     c = shape[axis]
     gamma, beta = np.linspace(0.5, 1.5, c), np.linspace(-1, 1, c)

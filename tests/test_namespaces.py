@@ -1,6 +1,6 @@
 """The same BN/MBN computations on every Array API namespace (NumPy, array-api-strict,
 PyTorch, CuPy when a GPU is there) give NumPy's float64 numbers, and results stay in the
-caller's namespace, dtype and device (SPEC §7, DESIGN "GPU computation")."""
+caller's namespace, dtype and device (docs/spec.md §7)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Deterministic checks of ``mbn_ref.noise`` (SPEC §6): values, identities, edge cases.
+"""Deterministic checks of ``mbn_ref.noise`` (docs/spec.md §6): values, identities, edge cases.
 
 The Monte Carlo checks of the same formulas are in ``tests/test_noise_sim.py``.
 """
@@ -18,7 +18,7 @@ GRID_M = [2, 3, 4, 8, 16, 64]
 GRID_LAM = [0.0, 0.5, 0.75, 0.9]
 
 
-# ----------------------------------------------------------------- SPEC §6 / §8 numbers
+# ----------------------------------------------------------------- docs/spec.md §6 / §8 numbers
 
 
 def test_spec_numbers_eq10() -> None:

@@ -1,4 +1,5 @@
-"""Monte Carlo checks of SPEC §6 (``mbn_ref.noise``) with the samplers of ``mbn_ref.noise_sim``.
+"""Monte Carlo checks of docs/spec.md §6 (``mbn_ref.noise``) with the samplers of
+``mbn_ref.noise_sim``.
 
 Every check states its bound: a formula agrees when the simulated estimate is within
 ``AGREE`` = 5 standard errors (mean: ``std/sqrt(n)``; variance: ``sqrt((m4 - s**4)/n)``);
@@ -9,8 +10,13 @@ the Dvoretzky–Kiefer–Wolfowitz bound ``sqrt(log(2/alpha)/(2n))`` with ``alph
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import subprocess
+import sys
 import zlib
+from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -212,9 +218,9 @@ def test_xhat_var(m: int, xt: float) -> None:
 
 
 def test_spec_example_eq4_m4() -> None:
-    """SPEC §6: m = 4, xtilde = 0.5. At m = 4 the sample variance of xhat has infinite variance
-    (E[xhat**4] needs m > 5), so the second moment is checked through its exact law and through
-    a truncated mean, which is a valid lower bound with a finite standard error."""
+    """docs/spec.md §6: m = 4, xtilde = 0.5. At m = 4 the sample variance of xhat has infinite
+    variance (E[xhat**4] needs m > 5), so the second moment is checked through its exact law and
+    through a truncated mean, which is a valid lower bound with a finite standard error."""
     m, xt, n = 4, 0.5, 200_000
     xhat = sample_xhat(m, xt, n, "gaussian", rng_for("spec-eq4"))
     est = mean_with_se(xhat)
@@ -291,3 +297,64 @@ def test_theorem1_xi_sigma_limit_is_not_the_chi_square(kind: str) -> None:
     d_chi2 = stats.kstest(xi_sigma, stats.chi2(m - 1, scale=1 / m).cdf).statistic
     assert d_chi2 > 0.05 + dkw(n)
     assert d_chi2 > 2 * d_normal
+
+
+# ----------------------------------------------------------- docs/derivations/check_noise.py
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECK_NOISE = ROOT / "docs" / "derivations" / "check_noise.py"
+
+
+def _check_noise_script() -> ModuleType:
+    """The agreement-table script, imported by path (it is documentation, not the package)."""
+    name = "_mbn_docs_check_noise"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, CHECK_NOISE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_agreement_table_corrected_formulas_agree() -> None:
+    """Every corrected formula of the table lies within 5 SE of its simulation (small n)."""
+    script = _check_noise_script()
+    rows = script.agreement_table(seed=7, n=100_000)
+    assert len(rows) == 44
+    checked = [
+        r
+        for r in rows
+        if not any(k in r.formula for k in ("printed", "claim", "Gaussian only"))
+        and not r.quantity.startswith("E[min(")  # a one-sided bound, not an estimate
+    ]
+    assert len(checked) == 30
+    for r in checked:
+        assert abs(r.z) < AGREE, f"{r.quantity} {r.setting} {r.formula}: z = {r.z:+.1f}"
+    table = script.format_table(rows).splitlines()
+    assert len(table) == len(rows) + 2 and table[0].startswith("| quantity |")
+
+
+def test_the_documented_table_is_the_scripts_output() -> None:
+    """``python docs/derivations/check_noise.py`` runs on its own and prints, digit for digit,
+    the table of docs/derivations/noise.md (seed 20200823)."""
+    out = subprocess.run(
+        [sys.executable, str(CHECK_NOISE)],
+        cwd=ROOT / "docs",  # not the repository root: the script needs only the installed package
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    table = out.stdout.strip()
+    assert table.count("\n") == 45
+    doc = (ROOT / "docs" / "derivations" / "noise.md").read_text(encoding="utf-8")
+    assert table in doc, "docs/derivations/noise.md holds an older table: rerun the script"
+
+
+def test_the_package_no_longer_holds_the_table() -> None:
+    import mbn_ref.noise_sim as ns
+
+    assert not hasattr(ns, "agreement_table") and not hasattr(ns, "main")

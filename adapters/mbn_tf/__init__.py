@@ -1,1 +1,1 @@
-"""mbn_tf: planned, see DESIGN.md."""
+"""mbn_tf: the TensorFlow / Keras 3 adapter (planned; its seams: docs/adapters.md)."""

@@ -1,1 +1,1 @@
-"""mbn_torch: planned, see DESIGN.md."""
+"""mbn_torch: the PyTorch adapter (planned; its seams: docs/adapters.md)."""

@@ -41,8 +41,10 @@ def _namespace(backend: str) -> tuple[Any, frozenset[str]]:
 
 
 class CoreAdapter:
-    """The core's functions on one namespace, speaking the suite's canonical convention
-    (decays, canonical state keys) natively."""
+    """The core's functions on one namespace, an :class:`~mbn_conformance.protocol.SyncAdapter`.
+
+    It speaks the suite's canonical convention (decays, canonical state keys) natively.
+    """
 
     def __init__(self, backend: str = "numpy") -> None:
         self.xp, dtypes = _namespace(backend)
@@ -51,9 +53,11 @@ class CoreAdapter:
 
     # -- arrays -------------------------------------------------------------------------
     def from_numpy(self, a: np.ndarray) -> Any:
+        """``a`` as an array of the backend's namespace."""
         return self.xp.asarray(a)
 
     def to_numpy(self, a: Any) -> np.ndarray:
+        """The backend's array ``a`` as a NumPy array (moved to the host first: torch, CuPy)."""
         if hasattr(a, "detach"):
             return np.asarray(a.detach().cpu().numpy())
         if hasattr(a, "get"):
@@ -62,6 +66,7 @@ class CoreAdapter:
 
     # -- state --------------------------------------------------------------------------
     def init_state(self, algorithm: str, num_features: int, dtype: str) -> Any:
+        """A fresh :class:`mbn_ref.MBNState` (``"mbn"``) or :class:`mbn_ref.BNState`, float64."""
         # the golden state is float64 whatever the input dtype: states are kept at the spec
         # precision, inputs and outputs in the case's dtype
         dt = self.xp.float64
@@ -69,9 +74,11 @@ class CoreAdapter:
         return init(num_features, xp=self.xp, dtype=dt)
 
     def load_state(self, state: Any, values: Mapping[str, np.ndarray]) -> Any:
+        """A state of ``state``'s type holding ``values`` (canonical keys are the core's)."""
         return type(state)(**{f: self.xp.asarray(values[f]) for f in state._fields})
 
     def state_to_numpy(self, state: Any) -> dict[str, np.ndarray]:
+        """The state's fields as NumPy arrays, keyed by field name (the canonical keys)."""
         return {f: self.to_numpy(v) for f, v in zip(state._fields, state, strict=True)}
 
     # -- steps --------------------------------------------------------------------------
@@ -96,6 +103,7 @@ class CoreAdapter:
         axis: int,
         estimator: str,
     ) -> tuple[Any, Any, Any]:
+        """``(y, new_state, ctx)`` of :func:`mbn_ref.mbn_forward` or :func:`mbn_ref.bn_forward`."""
         forward = mr.mbn_forward if algorithm == "mbn" else mr.bn_forward
         return forward(
             x,
@@ -110,10 +118,12 @@ class CoreAdapter:
     def eval_step(
         self, algorithm: str, state: Any, x: Any, gamma: Any, beta: Any, *, eps: float, axis: int
     ) -> Any:
+        """``y`` of the core's forward function with ``training=False``."""
         forward = mr.mbn_forward if algorithm == "mbn" else mr.bn_forward
         return forward(x, state, gamma, beta, eps=eps, axis=axis, training=False)[0]
 
     def backward(self, ctx: Any, dy: Any) -> tuple[Any, Any, Any]:
+        """``(dx, dgamma, dbeta)`` from :func:`mbn_ref.backward` (BN and MBN alike)."""
         return mr.mbn_backward(dy, ctx)
 
     def sync_train_step(
@@ -131,6 +141,10 @@ class CoreAdapter:
         axis: int,
         estimator: str,
     ) -> tuple[list[Any], Any, Any]:
+        """``(ys, new_state, ctxs)`` of :mod:`mbn_ref.distributed`'s simulated sync forward.
+
+        Every shard's state is the same; the first one is returned.
+        """
         sync = distributed.sync_mbn_forward if algorithm == "mbn" else distributed.sync_bn_forward
         ys, states, ctxs = sync(
             shards,
@@ -144,6 +158,10 @@ class CoreAdapter:
         return ys, states[0], ctxs
 
     def sync_backward(self, ctx: Any, dys: Sequence[Any]) -> tuple[list[Any], Any, Any]:
+        """``(dxs, dgamma, dbeta)`` of :func:`mbn_ref.distributed.sync_backward`.
+
+        ``ctx`` is the list of per-shard contexts :meth:`sync_train_step` returned.
+        """
         return distributed.sync_backward(dys, ctx)
 
 

@@ -1,4 +1,4 @@
-"""The golden cases (SPEC §10) and the seeded script that computes them from the core.
+"""The golden cases (docs/spec.md §10) and the seeded script that computes them from the core.
 
 Regenerate the committed file with ``python -m mbn_conformance.cases`` (it rewrites
 ``data/golden_v1.npz``); ``tests/test_conformance_vectors.py`` regenerates it in memory
@@ -55,10 +55,16 @@ class Spec:
 
     @property
     def kind(self) -> str:
+        """``"mbn"`` for MBN and synchronized MBN cases, else ``"bn"``."""
         return "mbn" if self.algorithm == "mbn" or self.mbn_sync else "bn"
 
     @property
     def id(self) -> str:
+        """The case id: the settings, ``/``-separated.
+
+        Algorithm, layout, N, dtype, eps and estimator always; then MBN's decays and the
+        settings that differ from their defaults.
+        """
         parts = [
             self.algorithm + ("-mbn" if self.mbn_sync else ""),
             self.layout,
@@ -83,11 +89,13 @@ class Spec:
 
 
 def specs() -> Iterator[Spec]:
-    """SPEC §10's grid: layouts, N in {1, 2, 3, 64}, eps in {1e-5, 1e-3, 0.5}, lam in
-    {0, 0.5, 0.9375, 1}, trajectories under schedules, a zero-variance channel, offset data,
-    unequal and empty shards, float16/32/64. Training outputs do not depend on the
-    running-variance estimator, so the unbiased estimator gets the cases where the running
-    variance is read back (evaluation steps and state) in every algorithm, not the whole grid.
+    """The specs of docs/spec.md §10's grid of golden cases.
+
+    Layouts, N in {1, 2, 3, 64}, eps in {1e-5, 1e-3, 0.5}, lam in {0, 0.5, 0.9375, 1},
+    trajectories under schedules, a zero-variance channel, offset data, unequal and empty
+    shards, float16/32/64. Training outputs do not depend on the running-variance estimator,
+    so the unbiased estimator gets the cases where the running variance is read back
+    (evaluation steps and state) in every algorithm, not the whole grid.
     """
     for layout in SHAPES:
         for n in (2, 3):
@@ -185,9 +193,11 @@ def _inputs(spec: Spec, rng: np.random.Generator, shape: tuple[int, ...], axis: 
 
 
 def _reference_namespace() -> Any:
-    """The namespace the expected values are computed in: ``array-api-strict``, whose
-    reductions are NumPy's own pairwise sums (no BLAS), so the bits do not depend on the
-    machine's BLAS kernel, and which proves the vectors come from the portable core."""
+    """The namespace the expected values are computed in: ``array-api-strict``.
+
+    Its reductions are NumPy's own pairwise sums (no BLAS), so the bits do not depend on the
+    machine's BLAS kernel, and it proves the vectors come from the portable core.
+    """
     import array_api_strict
 
     return array_api_strict
@@ -342,6 +352,7 @@ def generate() -> tuple[dict[str, Any], dict[str, np.ndarray]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Regenerate the golden vector file (``--out``, default the packaged one); exit status."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=vectors.DEFAULT_PATH)
     args = parser.parse_args(argv)

@@ -10,8 +10,10 @@ implementation conforms (:func:`~mbn_conformance.runner.succeeded`), 1 when a ca
 errors or passes unexpectedly, 2 on a usage error (bad ``--impl``, an import that fails, an
 unreadable vector file, a pattern that selects nothing, an unwritable ``--json`` path).
 
-:mod:`mbn_ref.cli` registers the subcommand lazily through :func:`register`;
-``python -m mbn_conformance.cli`` runs it without the ``mbn-ref`` wrapper.
+:func:`register` is the entry point ``conformance`` of the group ``mbn_ref.commands``
+(``pyproject.toml``): :mod:`mbn_ref.cli` loads it when ``mbn-ref conformance`` is used, and the
+core never imports the suite. ``python -m mbn_conformance.cli`` runs it without the
+``mbn-ref`` wrapper.
 """
 
 from __future__ import annotations
@@ -129,6 +131,12 @@ def run_command(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     adapter, source = _backend(args.backend) if args.backend else load_impl(args.impl)
+    if args.json not in (None, "-"):  # an unwritable report path fails before any case runs
+        try:
+            with open(args.json, "a", encoding="utf-8"):
+                pass
+        except OSError as exc:
+            raise UsageError(f"cannot write {args.json}: {exc}") from None
     try:
         cases = vectors.read(args.vectors)
     except (OSError, ValueError) as exc:

@@ -68,8 +68,10 @@ settings.register_profile(
 
 
 def default_settings() -> settings:
-    """The ``mbn-conformance`` profile, derandomized when the environment variable ``CI`` is
-    set (read at call time, so a CI job gets the same examples on every run)."""
+    """The ``mbn-conformance`` profile, derandomized when the environment variable ``CI`` is set.
+
+    ``CI`` is read at call time, so a CI job gets the same examples on every run.
+    """
     return settings(settings.get_profile(PROFILE), derandomize=bool(os.environ.get("CI")))
 
 
@@ -112,6 +114,7 @@ class Batch:
 
     @property
     def channels(self) -> int:
+        """The number of channels C (the size along ``axis``)."""
         return self.shape[self.axis]
 
     @property
@@ -121,6 +124,7 @@ class Batch:
 
     @property
     def reduce_axes(self) -> tuple[int, ...]:
+        """Every axis but the channel axis: the axes statistics are reduced over."""
         ax = self.axis % len(self.shape)
         return tuple(i for i in range(len(self.shape)) if i != ax)
 
@@ -332,8 +336,10 @@ def _unbiased(b: Batch, var: np.ndarray) -> np.ndarray:
 def _given(
     name: str, strategy: st.SearchStrategy[Any], body: Callable[[Any], None], s: settings | None
 ) -> None:
-    """Run ``body`` over ``strategy`` under ``s`` (default: :func:`default_settings`);
-    a failure is reported as ``name(example=...)``."""
+    """Run ``body`` over ``strategy`` under ``s`` (default: :func:`default_settings`).
+
+    A failure is reported as ``name(example=...)``.
+    """
 
     def test(example: Any) -> None:
         body(example)
@@ -409,8 +415,11 @@ def bn_normalized_moments(adapter: Adapter, s: settings | None = None) -> None:
 
 
 def mbn_lam0_is_bn(adapter: Adapter, s: settings | None = None) -> None:
-    """MBN(lam=0, tau=d) == BN(decay=d) over 1-3 steps: y, dx, dgamma, dbeta, running
-    statistics and count; MBN's moving statistics become the batch's own."""
+    """MBN(lam=0, tau=d) == BN(decay=d) over 1-3 steps.
+
+    Compared: y, dx, dgamma, dbeta, running statistics and count; MBN's moving statistics
+    become the batch's own.
+    """
 
     @st.composite
     def examples(draw: st.DrawFn) -> tuple[Batch, float]:
@@ -449,9 +458,12 @@ def mbn_lam0_is_bn(adapter: Adapter, s: settings | None = None) -> None:
 
 
 def mbn_lam1_uses_history(adapter: Adapter, s: settings | None = None) -> None:
-    """MBN(lam=1): y = gamma*(x - mu)/sqrt(var + eps) + beta with the previous moving
-    statistics, which stay unchanged; dx = gamma*dy/sqrt(var + eps) (no gradient into the batch
-    statistics); the inference statistics move with ``tau`` and the count by one."""
+    """MBN(lam=1) normalizes with the previous moving statistics, which stay unchanged.
+
+    y = gamma*(x - mu)/sqrt(var + eps) + beta with the previous moving statistics;
+    dx = gamma*dy/sqrt(var + eps) (no gradient into the batch statistics); the inference
+    statistics move with ``tau`` and the count by one.
+    """
 
     @st.composite
     def examples(draw: st.DrawFn) -> tuple[Batch, float]:
@@ -492,9 +504,12 @@ def mbn_lam1_uses_history(adapter: Adapter, s: settings | None = None) -> None:
 
 
 def backward_finite_differences(adapter: Adapter, s: settings | None = None) -> None:
-    """``backward`` == central differences of ``L = sum(dy * y)`` along random unit directions
-    in ``x``, ``gamma`` and ``beta`` (BN, and MBN with ``lam`` in [0, 0.95] and its previous
-    moving statistics held constant). Step :data:`FD_STEP`, tolerance :data:`FD_RTOL`."""
+    """``backward`` == central differences of ``L = sum(dy * y)`` along random unit directions.
+
+    The directions are in ``x``, ``gamma`` and ``beta`` (BN, and MBN with ``lam`` in
+    [0, 0.95] and its previous moving statistics held constant). Step :data:`FD_STEP`,
+    tolerance :data:`FD_RTOL`.
+    """
     kinds = sorted({"bn", "mbn"} & set(adapter.capabilities.algorithms))
 
     @st.composite
@@ -588,8 +603,11 @@ def _partition(n: int, cuts: list[int]) -> list[int]:
 
 
 def sync_shard_equivalence(adapter: Adapter, s: settings | None = None) -> None:
-    """``sync_train_step`` over a random partition of N (unequal sizes, empty shards allowed)
-    equals ``train_step`` on the whole batch, over 1-2 steps: outputs, gradients, state."""
+    """``sync_train_step`` over a random partition of N equals ``train_step`` on the whole batch.
+
+    Unequal sizes and empty shards are allowed; compared over 1-2 steps: outputs, gradients,
+    state.
+    """
     assert isinstance(adapter, SyncAdapter)
     kinds = ["bn"] + (["mbn"] if "mbn" in adapter.capabilities.algorithms else [])
 
@@ -727,9 +745,11 @@ def check(adapter: Adapter, name: str, s: settings | None = None) -> None:
 def run(
     adapter: Adapter, *, select: Sequence[str] = (), hypothesis_settings: settings | None = None
 ) -> list[CaseResult]:
-    """Every property (or those whose id matches a ``select`` glob) as result rows:
-    ``pass``/``fail`` (an assertion)/``error`` (any other exception)/``skip``, and
-    ``xfail``/``xpass`` for the adapter's known failures."""
+    """Run every property (or those whose id matches a ``select`` glob) as result rows.
+
+    Statuses: ``pass``/``fail`` (an assertion)/``error`` (any other exception)/``skip``, and
+    ``xfail``/``xpass`` for the adapter's known failures.
+    """
     results = []
     for prop in PROPERTIES:
         if select and not any(fnmatch.fnmatchcase(prop.id, p) for p in select):

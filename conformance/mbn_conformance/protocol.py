@@ -75,17 +75,29 @@ class Adapter(Protocol):
     name: str
     capabilities: Capabilities
 
-    def from_numpy(self, a: np.ndarray) -> Any: ...
+    def from_numpy(self, a: np.ndarray) -> Any:
+        """The implementation's array for the NumPy array ``a``: same shape, values and dtype."""
+        ...
 
-    def to_numpy(self, a: Any) -> np.ndarray: ...
+    def to_numpy(self, a: Any) -> np.ndarray:
+        """The implementation's array ``a`` (an output, a gradient) as a NumPy array."""
+        ...
 
-    def init_state(self, algorithm: str, num_features: int, dtype: str) -> Any: ...
+    def init_state(self, algorithm: str, num_features: int, dtype: str) -> Any:
+        """A fresh state for ``algorithm`` (``"bn"`` or ``"mbn"``) with ``num_features`` channels.
+
+        ``dtype`` is the case's dtype name (e.g. ``"float32"``); the state's own precision is
+        the adapter's choice. The suite loads its initial values with :meth:`load_state`.
+        """
+        ...
 
     def load_state(self, state: Any, values: Mapping[str, np.ndarray]) -> Any:
         """A state holding ``values`` (canonical keys; ``num_batches_tracked`` is int64)."""
         ...
 
-    def state_to_numpy(self, state: Any) -> dict[str, np.ndarray]: ...
+    def state_to_numpy(self, state: Any) -> dict[str, np.ndarray]:
+        """The state's fields as NumPy arrays under the canonical keys (see the module)."""
+        ...
 
     def train_step(
         self,

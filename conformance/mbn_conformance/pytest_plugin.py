@@ -71,6 +71,7 @@ _KEY = pytest.StashKey[_Session]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
+    """Add the ``mbn-conformance`` options (``--mbn-impl``, ``--mbn-backend``...) to pytest."""
     group = parser.getgroup("mbn-conformance", "mbn-ref conformance suite")
     group.addoption(
         "--mbn-impl",
@@ -151,8 +152,11 @@ def _session(config: pytest.Config) -> _Session:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Check the options early (both --mbn-impl and --mbn-backend, a bad xfails file): a usage
-    error before collection. Without the options this reads nothing."""
+    """Check the options early: a usage error before collection.
+
+    Errors are both --mbn-impl and --mbn-backend, or a bad xfails file. Without the options
+    this reads nothing.
+    """
     _session(config)
 
 
@@ -168,8 +172,10 @@ def load_adapter(spec: str) -> Any:
 
 
 def get_adapter(config: pytest.Config) -> Any:
-    """The adapter of this session, loaded once; ``pytest.UsageError`` if none is named or it
-    cannot be loaded."""
+    """The adapter of this session, loaded once.
+
+    ``pytest.UsageError`` if none is named or it cannot be loaded.
+    """
     sess = _session(config)
     if sess.adapter is None:
         if sess.error is not None:
@@ -188,8 +194,10 @@ def get_adapter(config: pytest.Config) -> Any:
 
 
 def expected_failure(config: pytest.Config, adapter: Any, conformance_id: str) -> str | None:
-    """The reason ``conformance_id`` is a known failure (the adapter's own declaration first,
-    then the xfails file), or ``None``."""
+    """The reason ``conformance_id`` is a known failure, or ``None``.
+
+    The adapter's own declaration is looked up first, then the xfails file.
+    """
     for pattern, reason in adapter.capabilities.known_failures.items():
         if fnmatch.fnmatchcase(conformance_id, pattern):
             return f"{reason} (known_failures of {adapter.name})"
@@ -200,8 +208,11 @@ def expected_failure(config: pytest.Config, adapter: Any, conformance_id: str) -
 
 
 def adapter_for_collection(config: pytest.Config) -> Any:
-    """:func:`get_adapter` for ``pytest_generate_tests``: a usage error becomes a collection
-    error that pytest reports as the bare message (no traceback)."""
+    """:func:`get_adapter` for ``pytest_generate_tests``.
+
+    A usage error becomes a collection error that pytest reports as the bare message (no
+    traceback).
+    """
     try:
         return get_adapter(config)
     except pytest.UsageError as exc:
@@ -222,9 +233,12 @@ def param(config: pytest.Config, value: Any, conformance_id: str, skip: str | No
 
 
 def hypothesis_settings(config: pytest.Config) -> Any:
-    """Settings for the properties: the ``mbn-conformance`` profile, unless the user chose a
-    profile with ``--hypothesis-profile`` (then the loaded default); ``--mbn-max-examples``
-    overrides the number of examples."""
+    """Hypothesis settings for the properties.
+
+    The ``mbn-conformance`` profile, unless the user chose a profile with
+    ``--hypothesis-profile`` (then the loaded default); ``--mbn-max-examples`` overrides the
+    number of examples.
+    """
     from hypothesis import settings
 
     from .properties import default_settings
@@ -267,8 +281,11 @@ def _caps_line(caps: Any) -> str:
 
 
 def pytest_report_header(config: pytest.Config) -> list[str] | None:
-    """The implementation, its capabilities and versions; nothing when no implementation is
-    named (the plugin stays silent in sessions that do not use it)."""
+    """The implementation, its capabilities and versions, for pytest's header.
+
+    Nothing when no implementation is named (the plugin stays silent in sessions that do not
+    use it).
+    """
     sess = _session(config)
     if sess.spec is None:
         return None

@@ -1,5 +1,7 @@
-"""Conformance reports: a human table (``rich`` when available and on a terminal, plain
-aligned text otherwise) and a JSON document.
+"""Conformance reports: a human table and a JSON document.
+
+The table is drawn with ``rich`` when it is available and the output is a terminal, as
+plain aligned text otherwise.
 
 The JSON report (``mbn-ref conformance --json PATH``) is one object with keys in this order::
 
@@ -61,6 +63,7 @@ class VectorsInfo:
     patterns: Sequence[str] = field(default_factory=tuple)
 
     def to_dict(self) -> dict[str, Any]:
+        """The report's ``vectors`` object (JSON-compatible; see the module docstring)."""
         return {
             "path": self.path,
             "format": "mbn-conformance-vectors",
@@ -195,13 +198,17 @@ def row(result: CaseResult) -> tuple[str, ...]:
 
 
 def ordered(results: Sequence[CaseResult], show_all: bool) -> list[CaseResult]:
-    """Failures first (error, fail, xpass), then xfail, skip; passing cases with ``show_all``;
-    the golden file's order within each status."""
+    """The results in display order: failures first (error, fail, xpass), then xfail, skip.
+
+    Passing cases are kept only with ``show_all``; within each status the golden file's order
+    is kept.
+    """
     keep = [r for r in results if show_all or r.status != "pass"]
     return sorted(keep, key=lambda r: _ORDER[r.status])
 
 
 def header_lines(report: Mapping[str, Any]) -> list[str]:
+    """The lines above the table: implementation, capabilities, vectors and versions."""
     impl = report["implementation"]
     vec = report["vectors"]
     env = report["environment"]
@@ -236,6 +243,7 @@ def _caps_from_dict(caps: Mapping[str, Any]) -> Capabilities:
 
 
 def summary_line(report: Mapping[str, Any]) -> str:
+    """The counts of each status and the verdict (``CONFORMS`` or ``DOES NOT CONFORM``)."""
     s = report["summary"]
     verdict = "CONFORMS" if s["succeeded"] else "DOES NOT CONFORM"
     return (

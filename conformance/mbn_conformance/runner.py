@@ -33,6 +33,7 @@ class CaseResult:
     failures: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
+        """The result as a plain dictionary of its fields (a row of the JSON report)."""
         return asdict(self)
 
 
@@ -59,6 +60,7 @@ def skip_reason(adapter: Adapter, case: vectors.Case) -> str | None:
 
 
 def known_failure(adapter: Adapter, case_id: str) -> str | None:
+    """The reason the adapter declares ``case_id`` a known failure, or ``None``."""
     for pattern, reason in adapter.capabilities.known_failures.items():
         if fnmatch.fnmatchcase(case_id, pattern):
             return reason
@@ -210,6 +212,7 @@ def run(
 
 
 def summary(results: Sequence[CaseResult]) -> dict[str, int]:
+    """The number of results of each status (every status present, zeros included)."""
     counts = {s: 0 for s in ("pass", "fail", "error", "skip", "xfail", "xpass")}
     for r in results:
         counts[r.status] += 1

@@ -20,10 +20,13 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Tolerance:
+    """A pair ``(rtol, atol)``, applied as the module docstring says (see :func:`compare`)."""
+
     rtol: float
     atol: float
 
     def scaled(self, factor: float) -> Tolerance:
+        """The tolerance with both ``rtol`` and ``atol`` multiplied by ``factor``."""
         return Tolerance(self.rtol * factor, self.atol * factor)
 
 
@@ -40,6 +43,8 @@ TOLERANCES: Mapping[str, Tolerance] = {
 
 @dataclass(frozen=True)
 class Override:
+    """A tolerance that replaces the dtype's for matching comparisons, with its reason."""
+
     pattern: str  # fnmatch pattern on "case id:quantity"
     tolerance: Tolerance
     reason: str
@@ -57,9 +62,11 @@ OVERRIDES: tuple[Override, ...] = (
 
 
 def trajectory_factor(step: int, m: int) -> float:
-    """Growth of rounding error along a trajectory (``step`` 0-indexed) and over reductions
-    of ``m`` values: errors add over steps (sqrt for independent roundings) and grow like
-    ``log2(m)`` in pairwise summation."""
+    """Growth of rounding error along a trajectory and over reductions of ``m`` values.
+
+    ``step`` is 0-indexed. Errors add over steps (sqrt for independent roundings) and grow
+    like ``log2(m)`` in pairwise summation.
+    """
     return math.sqrt(step + 1) * max(1.0, math.log2(max(m, 2)) / 4)
 
 
@@ -76,6 +83,8 @@ def tolerance_for(
 
 @dataclass(frozen=True)
 class Comparison:
+    """The outcome of :func:`compare`: the largest errors and whether they are allowed."""
+
     max_abs: float
     max_rel: float
     ok: bool

@@ -78,6 +78,7 @@ class Case:
 
     @property
     def id(self) -> str:
+        """The case id, e.g. ``"bn/NC/N2/float64/eps1e-05/biased"``; ``--cases`` globs match it."""
         return str(self.meta["id"])
 
     @property
@@ -87,22 +88,27 @@ class Case:
 
     @property
     def steps(self) -> list[dict[str, Any]]:
+        """The steps' settings: ``{"training", "decay", "lam", "tau"}`` each, in order."""
         return list(self.meta["steps"])
 
     @property
     def shape(self) -> tuple[int, ...]:
+        """The shape of the (whole, unsharded) input ``x`` of each step."""
         return tuple(self.meta["shape"])
 
     @property
     def channels(self) -> int:
+        """The number of channels C: the input's size along the case's axis."""
         return int(self.shape[self.meta["axis"] % len(self.shape)])
 
     @property
     def num_shards(self) -> int | None:
+        """The number of shards of a sync case, ``None`` for a single-device case."""
         shards = self.meta["shards"]
         return None if shards is None else len(shards)
 
     def get(self, name: str) -> np.ndarray:
+        """The stored array ``name``; :class:`VectorFormatError` when the case lacks it."""
         try:
             return self.arrays[name]
         except KeyError:
@@ -144,8 +150,11 @@ def kind_of(algorithm: str) -> str:
 
 
 def pack(arrays: Mapping[str, np.ndarray], kind: str) -> dict[str, np.ndarray]:
-    """Pack per-field arrays (``init/<field>``, ``state/<field>``, ``gamma``, ``beta``,
-    ``dgamma``, ``dbeta``) into the stored layout; other arrays pass through."""
+    """Pack per-field arrays into the stored layout.
+
+    The per-field arrays are ``init/<field>``, ``state/<field>``, ``gamma``, ``beta``,
+    ``dgamma`` and ``dbeta``; other arrays pass through.
+    """
     fields = FLOAT_FIELDS[kind]
     out = {
         k: v
@@ -266,6 +275,10 @@ def expected_arrays(meta: Mapping[str, Any]) -> Iterator[tuple[str, tuple[int, .
 
 
 def validate_case_arrays(case: Case) -> None:
+    """Check that ``case`` has every array its metadata calls for, in the expected shape.
+
+    Raises :class:`VectorFormatError` naming the case and the missing or misshapen array.
+    """
     for name, shape in expected_arrays(case.meta):
         arr = case.get(name)
         if tuple(arr.shape) != shape:

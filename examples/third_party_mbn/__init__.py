@@ -1,2 +1,4 @@
-"""A third-party BN/MBN implementation (:mod:`.tinynorm`) and its conformance adapter
-(:mod:`.adapter`): the worked example of ``docs/conformance.md``."""
+"""The worked example of ``docs/conformance.md``: a third-party BN/MBN and its adapter.
+
+The implementation is :mod:`.tinynorm`, its conformance adapter :mod:`.adapter`.
+"""

@@ -1,5 +1,6 @@
-"""The conformance adapter of TinyNorm (:mod:`.tinynorm`), the worked example of
-``docs/conformance.md``::
+"""The conformance adapter of TinyNorm (:mod:`.tinynorm`).
+
+The worked example of ``docs/conformance.md``::
 
     mbn-ref conformance --impl examples.third_party_mbn.adapter:make
 
@@ -58,12 +59,15 @@ class TinyNormAdapter:
     )
 
     def from_numpy(self, a: np.ndarray) -> np.ndarray:
+        """A copy of ``a``: TinyNorm works on NumPy arrays."""
         return np.array(a, copy=True)
 
     def to_numpy(self, a: Any) -> np.ndarray:
+        """``a`` as a NumPy array (it already is one)."""
         return np.asarray(a)
 
     def init_state(self, algorithm: str, num_features: int, dtype: str) -> MomentumBatchNorm:
+        """A fresh TinyNorm layer in ``dtype``, tagged with ``algorithm``: the state."""
         layer = MomentumBatchNorm(num_features, dtype=np.dtype(dtype))
         layer.algorithm = algorithm  # type: ignore[attr-defined]
         return layer
@@ -71,6 +75,7 @@ class TinyNormAdapter:
     def load_state(
         self, state: MomentumBatchNorm, values: Mapping[str, np.ndarray]
     ) -> MomentumBatchNorm:
+        """Set the layer's buffers from ``values`` (canonical keys, see :data:`STATE_KEYS`)."""
         for key, attr in STATE_KEYS.items():
             if key in values:
                 setattr(state, attr, np.asarray(values[key], dtype=state.dtype).copy())
@@ -78,6 +83,7 @@ class TinyNormAdapter:
         return state
 
     def state_to_numpy(self, state: MomentumBatchNorm) -> dict[str, np.ndarray]:
+        """The layer's buffers under canonical keys (MBN's moving statistics for ``"mbn"``)."""
         keys = ("running_mean", "running_var")
         if state.algorithm == "mbn":  # type: ignore[attr-defined]
             keys += ("moving_mean", "moving_var")
@@ -107,6 +113,11 @@ class TinyNormAdapter:
         axis: int,
         estimator: str,
     ) -> tuple[np.ndarray, MomentumBatchNorm, tuple[MomentumBatchNorm, int]]:
+        """One training ``forward``, decays translated to update rates (table above).
+
+        Returns ``(y, layer, (layer, axis))``: the context is the layer, whose cache
+        :meth:`backward` uses, and the channel axis.
+        """
         layer = state
         self._set_params(layer, gamma, beta, eps)
         layer.training = True
@@ -132,6 +143,7 @@ class TinyNormAdapter:
         eps: float,
         axis: int,
     ) -> np.ndarray:
+        """The layer's evaluation-mode ``forward`` (running statistics)."""
         self._set_params(state, gamma, beta, eps)
         state.training = False
         ax = axis % x.ndim
@@ -140,6 +152,7 @@ class TinyNormAdapter:
     def backward(
         self, ctx: tuple[MomentumBatchNorm, int], dy: np.ndarray
     ) -> tuple[np.ndarray, Any, Any]:
+        """``(dx, dgamma, dbeta)`` from the layer's ``backward`` and its parameter gradients."""
         layer, ax = ctx
         dx = layer.backward(np.moveaxis(dy, ax, 1))
         return np.moveaxis(dx, 1, ax), layer.weight_grad, layer.bias_grad

@@ -74,6 +74,7 @@ class MomentumBatchNorm:
         return (0, *range(2, x.ndim))
 
     def state_dict(self) -> dict[str, Any]:
+        """Parameters and buffers by name, like PyTorch's ``Module.state_dict``."""
         return {
             "weight": self.weight,
             "bias": self.bias,
@@ -86,6 +87,10 @@ class MomentumBatchNorm:
 
     # -- forward / backward -------------------------------------------------------------
     def forward(self, x: np.ndarray) -> np.ndarray:
+        """Normalize ``x`` of shape ``(N, C, *)``.
+
+        In training, also update the buffers and keep the cache that :meth:`backward` uses.
+        """
         if x.dtype != self.dtype:
             raise TypeError(f"expected {self.dtype} input, got {x.dtype}")
         if x.ndim < 2 or x.shape[1] != self.num_features:

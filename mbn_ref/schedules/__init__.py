@@ -1,4 +1,4 @@
-"""Decay schedules and adaptive controllers (SPEC §4).
+"""Decay schedules and adaptive controllers (docs/spec.md §4).
 
 Every value here is a **decay** ``d`` (weight on history: ``s <- d*s + (1-d)*batch``), the
 paper's ``lam`` and ``tau``; PyTorch's ``momentum`` is the update rate ``1 - d``.

@@ -1,18 +1,30 @@
 """Strict conversion of controller states from plain dictionaries (JSON-compatible).
 
 Every reader validates the whole dictionary before building anything, so a bad checkpoint
-loads nothing, and every error names the offending key.
+loads nothing, and every error names the offending key. The rules are the package's
+(:mod:`mbn_ref._validate`); a bad checkpoint value is always a ``ValueError``
+(docs/spec.md §9), never a ``TypeError``.
 """
 
 from __future__ import annotations
 
-import math
-import numbers
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
+
+from .._validate import check_decay, check_int, check_real, is_real_scalar
+
+_T = TypeVar("_T")
+
+
+def _as_value_error(rule: Callable[[str, object], _T], key: str, what: str, value: object) -> _T:
+    """``rule(name, value)`` with its ``TypeError`` turned into a ``ValueError`` naming ``key``."""
+    try:
+        return rule(f"{what} state: key {key!r}", value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(str(exc)) from None
 
 
 def check_keys(d: object, expected: tuple[str, ...], what: str) -> Mapping[str, Any]:
@@ -33,26 +45,21 @@ def read_float(d: Mapping[str, Any], key: str, what: str, *, optional: bool = Fa
     value = d[key]
     if optional and value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{what} state: key {key!r} must be a number, got {value!r}")
-    out = float(value)
-    if not math.isfinite(out):
-        raise ValueError(f"{what} state: key {key!r} must be finite, got {value!r}")
-    return out
+    return _as_value_error(check_real, key, what, value)
 
 
 def read_decay(d: Mapping[str, Any], key: str, what: str) -> float:
-    out: float = read_float(d, key, what)
-    if not 0.0 <= out <= 1.0:
-        raise ValueError(f"{what} state: key {key!r} must be a decay in [0, 1], got {out!r}")
-    return out
+    """A decay in ``[0, 1]`` as ``float``."""
+    return _as_value_error(check_decay, key, what, d[key])
 
 
 def read_count(d: Mapping[str, Any], key: str, what: str) -> int:
-    value = d[key]
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise ValueError(f"{what} state: key {key!r} must be an integer >= 0, got {value!r}")
-    return int(value)
+    """An integer ``>= 0`` as ``int``."""
+
+    def rule(name: str, value: object) -> int:
+        return check_int(name, value, minimum=0)
+
+    return _as_value_error(rule, key, what, d[key])
 
 
 def read_vector(d: Mapping[str, Any], key: str, what: str) -> NDArray[np.float64]:
@@ -60,7 +67,7 @@ def read_vector(d: Mapping[str, Any], key: str, what: str) -> NDArray[np.float64
     value = d[key]
     if not isinstance(value, (list, tuple)):
         raise ValueError(f"{what} state: key {key!r} must be a list of numbers")
-    if any(isinstance(v, bool) or not isinstance(v, numbers.Real) for v in value):
+    if not all(is_real_scalar(v) for v in value):
         raise ValueError(f"{what} state: key {key!r} must be a flat list of numbers (1-D)")
     arr = np.array(value, dtype=np.float64)
     if not np.all(np.isfinite(arr)):

@@ -6,8 +6,9 @@ epochs or steps; ``int`` or ``float``) whose values are **decays** in ``[0, 1]``
 history, ``s <- d*s + (1-d)*batch``) as Python floats. A negative or non-finite count raises
 ``ValueError``.
 
-Schedules written as update rates (PyTorch's ``momentum``, seed 003's ``alpha``) are
-converted with :func:`from_update_rate`.
+Schedules written as update rates (PyTorch's ``momentum``; the ``alpha`` of the article
+"Batch Normalization in Neural Networks: A Comprehensive Guide") are converted with
+:func:`from_update_rate`.
 """
 
 from __future__ import annotations
@@ -16,14 +17,9 @@ import bisect
 import math
 from collections.abc import Callable, Sequence
 
-from ._types import (
-    Schedule,
-    check_boundaries,
-    check_count,
-    check_decay,
-    check_num_steps,
-    check_real,
-)
+from .._validate import check_decay, check_int, check_real
+from ..conventions import decay_from_update_rate
+from ._types import Schedule, check_boundaries, check_count
 
 __all__ = [
     "constant",
@@ -40,6 +36,25 @@ __all__ = [
 def constant(decay: float) -> Schedule:
     """The same decay at every count.
 
+    Parameters
+    ----------
+    decay : float
+        The decay (weight on history), a host real in ``[0, 1]``.
+
+    Returns
+    -------
+    Schedule
+        ``count -> decay``.
+
+    Raises
+    ------
+    TypeError
+        ``decay`` is not a real number.
+    ValueError
+        ``decay`` is outside ``[0, 1]`` or NaN.
+
+    Examples
+    --------
     >>> constant(0.9)(123)
     0.9
     """
@@ -78,14 +93,35 @@ def linear(start: float, end: float, num_steps: int) -> Schedule:
     """Linear ramp from ``start`` (count 0) to ``end`` (count ``num_steps``), then constant.
 
     ``d(c) = start + (end - start) * min(c/num_steps, 1)``. Seed 000's "linearly decreasing
-    momentum" example actually ramps the decay up, 0.9 -> 0.99 (SPEC §8 erratum 7).
+    momentum" example actually ramps the decay up, 0.9 -> 0.99 (docs/spec.md §8 erratum 7).
 
+    Parameters
+    ----------
+    start, end : float
+        The decays at count 0 and from count ``num_steps`` on, host reals in ``[0, 1]``.
+    num_steps : int
+        The length of the ramp, an integer ``>= 1``.
+
+    Returns
+    -------
+    Schedule
+        ``count -> decay``, clamped to ``[min(start, end), max(start, end)]``.
+
+    Raises
+    ------
+    TypeError
+        ``start``/``end`` is not a real number or ``num_steps`` not an integer.
+    ValueError
+        ``start``/``end`` is outside ``[0, 1]`` or ``num_steps < 1``.
+
+    Examples
+    --------
     >>> lam = linear(0.9, 0.99, num_steps=100)
     >>> lam(0), round(lam(50), 12), lam(100), lam(1000)
     (0.9, 0.945, 0.99, 0.99)
     """
     s, e = check_decay("start", start), check_decay("end", end)
-    return _ramp(s, e, check_num_steps("num_steps", num_steps), _linear_ease)
+    return _ramp(s, e, check_int("num_steps", num_steps, minimum=1), _linear_ease)
 
 
 def cosine(start: float, end: float, num_steps: int) -> Schedule:
@@ -93,21 +129,66 @@ def cosine(start: float, end: float, num_steps: int) -> Schedule:
 
     ``d(c) = start + (end - start) * (1 - cos(pi * min(c/num_steps, 1))) / 2``.
 
+    Parameters
+    ----------
+    start, end, num_steps
+        As in :func:`linear`.
+
+    Returns
+    -------
+    Schedule
+        ``count -> decay``, clamped to ``[min(start, end), max(start, end)]``.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As in :func:`linear`.
+
+    Examples
+    --------
     >>> lam = cosine(0.9, 0.99, num_steps=100)
     >>> lam(0), round(lam(50), 12), lam(100)
     (0.9, 0.945, 0.99)
     """
     s, e = check_decay("start", start), check_decay("end", end)
-    return _ramp(s, e, check_num_steps("num_steps", num_steps), _cosine_ease)
+    return _ramp(s, e, check_int("num_steps", num_steps, minimum=1), _cosine_ease)
 
 
 def exponential(start: float, rate: float, *, end: float | None = None) -> Schedule:
-    """``d(c) = start * rate**c`` (seed 003's exponential schedule), optionally bounded by ``end``.
+    """``d(c) = start * rate**c``, optionally bounded by ``end``.
+
+    The exponential schedule of the article "Batch Normalization in Neural Networks: A
+    Comprehensive Guide".
 
     With ``rate < 1`` the values fall towards 0 and ``end`` (``<= start``) is a floor; with
     ``rate > 1`` they grow and ``end`` (``>= start``, ``<= 1``) is a required ceiling, so the
     values always stay in ``[0, 1]``.
 
+    Parameters
+    ----------
+    start : float
+        The decay at count 0, a host real in ``[0, 1]``.
+    rate : float
+        The factor per count, ``> 0``.
+    end : float, optional
+        A decay in ``[0, 1]``: the floor for ``rate < 1``, the ceiling (required) for
+        ``rate > 1``.
+
+    Returns
+    -------
+    Schedule
+        ``count -> decay``.
+
+    Raises
+    ------
+    TypeError
+        An argument is not a real number.
+    ValueError
+        ``start``/``end`` outside ``[0, 1]``, ``rate <= 0``, ``rate > 1`` without ``end``,
+        or ``end`` on the wrong side of ``start``.
+
+    Examples
+    --------
     >>> lam = exponential(0.5, 1.1, end=0.99)
     >>> round(lam(1), 12), lam(100)
     (0.55, 0.99)
@@ -146,6 +227,28 @@ def piecewise_constant(boundaries: Sequence[float], values: Sequence[float]) -> 
 
     ``values[0]`` applies before ``boundaries[0]``, ``values[k]`` from ``boundaries[k-1]`` on.
 
+    Parameters
+    ----------
+    boundaries : sequence of float
+        Strictly increasing, finite, non-negative counts.
+    values : sequence of float
+        ``len(boundaries) + 1`` decays in ``[0, 1]``.
+
+    Returns
+    -------
+    Schedule
+        ``count -> decay``.
+
+    Raises
+    ------
+    TypeError
+        ``boundaries`` is not a sequence, or an element is not a real number.
+    ValueError
+        The boundaries are negative or not strictly increasing, a value is outside
+        ``[0, 1]``, or the lengths do not match.
+
+    Examples
+    --------
     >>> lam = piecewise_constant([10, 20], [0.9, 0.95, 0.99])
     >>> lam(0), lam(9.5), lam(10), lam(25)
     (0.9, 0.9, 0.95, 0.99)
@@ -171,6 +274,13 @@ def cumulative() -> Schedule:
     exact mean of every batch statistic seen; the first update (``c = 0``) ignores the initial
     value.
 
+    Returns
+    -------
+    Schedule
+        ``count -> count / (count + 1)``.
+
+    Examples
+    --------
     >>> lam = cumulative()
     >>> lam(0), lam(1), lam(3)
     (0.0, 0.5, 0.75)
@@ -190,6 +300,28 @@ def join(schedules: Sequence[Schedule], boundaries: Sequence[float]) -> Schedule
     on, schedule ``k`` runs on ``count - boundaries[k-1]`` (each restarts at 0). The result is
     checked to be a decay at every call.
 
+    Parameters
+    ----------
+    schedules : sequence of Schedule
+        ``len(boundaries) + 1`` schedules (callables ``count -> decay``).
+    boundaries : sequence of float
+        Strictly increasing, finite, non-negative counts.
+
+    Returns
+    -------
+    Schedule
+        ``count -> decay``; a value of a joined schedule that is not a decay raises at the
+        call.
+
+    Raises
+    ------
+    TypeError
+        An element of ``schedules`` is not callable, or a boundary is not a number.
+    ValueError
+        The boundaries are negative or not strictly increasing, or the lengths do not match.
+
+    Examples
+    --------
     >>> warm = join([constant(0.0), linear(0.9, 0.99, 10)], boundaries=[5])
     >>> warm(4), warm(5), warm(15)
     (0.0, 0.9, 0.99)
@@ -216,12 +348,33 @@ def join(schedules: Sequence[Schedule], boundaries: Sequence[float]) -> Schedule
 def from_update_rate(update_rate: Schedule) -> Schedule:
     """Turn a schedule of update rates ``u`` (PyTorch's ``momentum``) into decays ``1 - u``.
 
+    The conversion is :func:`mbn_ref.conventions.decay_from_update_rate` (rounded to 15
+    significant digits, so ``1 - 0.9`` is ``0.1``); a value outside ``[0, 1]`` raises
+    ``ValueError`` naming the count, a non-number ``TypeError``.
+
     Seed 003 ramps PyTorch's momentum (an update rate) ``max(0.9 - epoch/50, 0.1)``: that is
     ``from_update_rate(linear(0.9, 0.1, num_steps=40))``, the decay ramp ``0.1 -> 0.9``, i.e.
     ``linear(0.1, 0.9, num_steps=40)`` up to rounding.
 
+    Parameters
+    ----------
+    update_rate : Schedule
+        A callable ``count -> u`` of update rates in ``[0, 1]``.
+
+    Returns
+    -------
+    Schedule
+        ``count -> 1 - u``.
+
+    Raises
+    ------
+    TypeError
+        ``update_rate`` is not callable.
+
+    Examples
+    --------
     >>> lam = from_update_rate(linear(0.9, 0.1, num_steps=40))
-    >>> round(lam(0), 12), round(lam(20), 12), round(lam(40), 12)
+    >>> lam(0), lam(20), lam(40)
     (0.1, 0.5, 0.9)
     """
     if not callable(update_rate):
@@ -229,8 +382,9 @@ def from_update_rate(update_rate: Schedule) -> Schedule:
 
     def schedule(count: float, /) -> float:
         u = update_rate(count)
-        if not 0.0 <= u <= 1.0:
-            raise ValueError(f"update rate must be in [0, 1], got {u!r} at count {count!r}")
-        return 1.0 - u
+        try:
+            return decay_from_update_rate(u)
+        except ValueError as exc:
+            raise ValueError(f"{exc} (at count {count!r})") from None
 
     return schedule

@@ -16,15 +16,15 @@ the next normalization updates.
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from .._validate import check_decay, check_int, check_nonnegative, check_positive, check_real
+from ..noise import lam_for_effective_batch_size
 from . import _state_dict as sd
-from ._types import check_decay, check_num_steps, check_positive, check_real
 
 __all__ = [
     "GradientNoiseController",
@@ -35,7 +35,8 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------------------------
-# Plateau on a monitored metric (seed 000, validation-loss example)
+# Plateau on a monitored metric: the validation-loss example of the article "How can batch
+# normalization momentum be dynamically adjusted in TensorFlow 2?"
 # --------------------------------------------------------------------------------------------
 
 
@@ -49,7 +50,10 @@ class PlateauState(NamedTuple):
 
 @dataclass(frozen=True)
 class PlateauController:
-    """Raise the decay while a monitored metric improves, lower it otherwise (seed 000).
+    """Raise the decay while a monitored metric improves, lower it otherwise.
+
+    The validation-loss controller of "How can batch normalization momentum be dynamically
+    adjusted in TensorFlow 2?", with its numbers as parameters.
 
     On each ``update(state, metric)`` (typically once per epoch with the validation loss):
 
@@ -61,6 +65,8 @@ class PlateauController:
     A non-finite metric (NaN, ``inf``) counts as no improvement and never becomes ``best``: a
     diverging run gets more responsive statistics, and the state stays finite (strict JSON).
 
+    Examples
+    --------
     >>> ctl = PlateauController()
     >>> s = ctl.init()
     >>> for loss in [1.0, 0.8, 0.9]:
@@ -89,8 +95,7 @@ class PlateauController:
                 f"{self.initial!r}, {self.max_decay!r}"
             )
         for name in ("step_up", "step_down", "min_delta"):
-            if check_real(name, getattr(self, name)) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+            check_nonnegative(name, getattr(self, name))
         if self.mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {self.mode!r}")
 
@@ -110,9 +115,7 @@ class PlateauController:
 
     def update(self, state: PlateauState, metric: float) -> PlateauState:
         """Step the decay after observing ``metric``; returns a new state."""
-        if isinstance(metric, bool) or not isinstance(metric, numbers.Real):
-            raise TypeError(f"metric must be a real number, got {metric!r}")
-        value = float(metric)
+        value = check_real("metric", metric, finite=False)
         if self.improved(state.best, value):
             return PlateauState(decay=min(state.decay + self.step_up, self.max_decay), best=value)
         return PlateauState(
@@ -120,7 +123,7 @@ class PlateauController:
         )
 
     def state_to_dict(self, state: PlateauState) -> dict[str, Any]:
-        """``{"decay": float, "best": float | None}``."""
+        """The state as a plain dictionary: ``{"decay": float, "best": float | None}``."""
         return {
             "decay": float(state.decay),
             "best": None if state.best is None else float(state.best),
@@ -137,7 +140,8 @@ class PlateauController:
 
 
 # --------------------------------------------------------------------------------------------
-# Gradient noise scale (replaces seed 000's gradient-noise example, SPEC §8 erratum 7)
+# Gradient noise scale: replaces the gradient-noise example of "How can batch normalization
+# momentum be dynamically adjusted in TensorFlow 2?", which measures nothing (erratum 7)
 # --------------------------------------------------------------------------------------------
 
 #: Floor for the estimate of |G|^2, which can come out <= 0 when the noise dominates.
@@ -184,8 +188,8 @@ class GradientNoiseController:
     variance is ``s2 = sum(var) / (1 - W)``; ``tr(Sigma) = batch_size * s2`` and
     ``|G|^2 = |mean|^2 - W*s2`` (the bias of the averaged mean), floored at a tiny positive.
 
-    **Mapping to a decay** (deliberately the opposite direction of seed 000's "noise lowers
-    the momentum"): ``B_simple`` is the batch size at which gradient noise stops dominating,
+    **Mapping to a decay** (deliberately the opposite direction of that article's "noise
+    lowers the momentum"): ``B_simple`` is the batch size at which gradient noise stops dominating,
     so it is taken as the batch size whose statistics noise the normalization should have;
     MBN's stationary mean noise at decay ``lam`` equals BN's at batch size
     ``m (1+lam)/(1-lam)`` (:func:`mbn_ref.noise.effective_batch_size`), hence::
@@ -199,14 +203,22 @@ class GradientNoiseController:
 
     Non-finite gradients (e.g. steps an AMP loss scaler skips) leave the state unchanged.
 
-    Args:
-        batch_size: examples per gradient ``B`` (global batch in data-parallel training).
-        norm_batch_size: batch size ``m`` of the normalization statistics (per device when the
-            statistics are per device); defaults to ``batch_size``.
-        alpha: update rate of the moment averages, in ``(0, 1]``.
-        warmup_steps: updates during which the decay stays at ``initial`` (``>= 1``).
-        initial, min_decay, max_decay: decays, ``min_decay <= max_decay``.
+    Parameters
+    ----------
+    batch_size : float
+        Examples per gradient ``B`` (global batch in data-parallel training).
+    norm_batch_size : float, optional
+        Batch size ``m`` of the normalization statistics (per device when the statistics are
+        per device); defaults to ``batch_size``.
+    alpha : float
+        Update rate of the moment averages, in ``(0, 1]``.
+    warmup_steps : int
+        Updates during which the decay stays at ``initial`` (``>= 1``).
+    initial, min_decay, max_decay : float
+        Decays, ``min_decay <= max_decay``.
 
+    Examples
+    --------
     Gradients of batch size 4 with per-step noise ``N(0, I)`` around ``G = 0.5`` (100
     coordinates): ``tr(Sigma) = 4*100``, ``|G|^2 = 25``, ``B_simple = 16``, and MBN at
     ``m = 4`` matches BN at 16 with ``lam = (16-4)/(16+4) = 0.6``:
@@ -235,7 +247,7 @@ class GradientNoiseController:
         a = check_real("alpha", self.alpha)
         if not 0.0 < a <= 1.0:
             raise ValueError(f"alpha must be an update rate in (0, 1], got {self.alpha!r}")
-        check_num_steps("warmup_steps", self.warmup_steps)
+        check_int("warmup_steps", self.warmup_steps, minimum=1)
         check_decay("initial", self.initial)
         if check_decay("min_decay", self.min_decay) > check_decay("max_decay", self.max_decay):
             raise ValueError(
@@ -292,10 +304,6 @@ class GradientNoiseController:
 
     def decay_for_noise_scale(self, noise_scale: float) -> float:
         """The mapping ``clip(lam_for_effective_batch_size(m, B_simple), min, max)``."""
-        # Imported here: mbn_ref.noise needs SciPy (not a core dependency) at import time, and
-        # `import mbn_ref.schedules` (hence the CLI) must work with NumPy alone.
-        from mbn_ref.noise import lam_for_effective_batch_size
-
         if math.isnan(noise_scale):
             raise ValueError("noise_scale is NaN (overflowing gradients?)")
         m = self.batch_size if self.norm_batch_size is None else self.norm_batch_size
@@ -304,7 +312,10 @@ class GradientNoiseController:
         return min(max(lam, float(self.min_decay)), float(self.max_decay))
 
     def state_to_dict(self, state: GradientNoiseState) -> dict[str, Any]:
-        """``decay``, ``num_updates``, ``weight_sq`` and the ``mean``/``var`` vectors as lists."""
+        """The state as a plain dictionary (JSON-compatible).
+
+        ``decay``, ``num_updates``, ``weight_sq`` and the ``mean``/``var`` vectors as lists.
+        """
         return {
             "decay": float(state.decay),
             "num_updates": int(state.num_updates),

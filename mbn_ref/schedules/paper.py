@@ -16,7 +16,8 @@ from typing import Any, NamedTuple, overload
 import numpy as np
 from numpy.typing import NDArray
 
-from ._types import Schedule, check_count, check_positive, check_real
+from .._validate import as_real_array, check_positive, check_real
+from ._types import Schedule, check_count
 
 __all__ = [
     "PAPER_DEFAULTS_SEC_4_2",
@@ -39,7 +40,7 @@ class PaperDefaults(NamedTuple):
 #: These are the defaults of :func:`mbn_lambda` and :func:`mbn_tau`.
 PAPER_DEFAULTS_SEC_5_2 = PaperDefaults(ideal_batch_size=32, tau0=0.85)
 
-#: The values §4.2 mentions (``m0 = 64``, ``tau0 = 0.9``), contradicted by §5.2 (SPEC §8,
+#: The values §4.2 mentions (``m0 = 64``, ``tau0 = 0.9``), contradicted by §5.2 (docs/spec.md §8,
 #: erratum 5). Kept for reproducing that text, not as a default.
 PAPER_DEFAULTS_SEC_4_2 = PaperDefaults(ideal_batch_size=64, tau0=0.9)
 
@@ -104,26 +105,39 @@ def mbn_lambda(
     Properties: ``lam(1) = 0``; ``lam(T) = 1 - r``; non-decreasing in ``t``; ``t > T`` gives
     ``lam(T)``; values in ``[0, 1)``; ``m >= m0`` gives 0 everywhere (MBN is BN).
 
-    ``T = 1`` is ``0/0`` in the paper (SPEC §8, erratum 6). It is **defined as 0 for every
+    ``T = 1`` is ``0/0`` in the paper (docs/spec.md §8, erratum 6). It is **defined as 0 for every
     t**: with a single epoch there is no late, stable phase in which to smooth the statistics,
     so MBN is BN. For short runs use the schedule per step instead (``t`` = 1-indexed step,
     ``total_epochs`` = total number of steps).
 
-    Args:
-        epoch: the paper's 1-indexed epoch ``t`` (``t = 1`` is the first epoch). Real values
-            are allowed (per-step use); a NumPy array is evaluated elementwise.
-        total_epochs: ``T >= 1``, the number of epochs (or steps, for per-step use).
-        batch_size: the actual batch size ``m > 0`` (the number of values each channel's
-            statistics are computed from, per device when statistics are per device).
-        ideal_batch_size: ``m0 > 0``; the paper uses 32 (§5.2).
+    Parameters
+    ----------
+    epoch : float or ndarray
+        The paper's 1-indexed epoch ``t`` (``t = 1`` is the first epoch). Real values are
+        allowed (per-step use); a NumPy array is evaluated elementwise.
+    total_epochs : float
+        ``T >= 1``, the number of epochs (or steps, for per-step use).
+    batch_size : float
+        The actual batch size ``m > 0`` (the number of values each channel's statistics are
+        computed from, per device when statistics are per device).
+    ideal_batch_size : float, optional
+        ``m0 > 0``; the paper uses 32 (§5.2).
 
-    Returns:
+    Returns
+    -------
+    float or ndarray
         ``lam`` as a Python ``float`` (an ``ndarray`` of float64 for array input).
 
-    Raises:
-        ValueError: ``epoch < 1`` (a hint about 0- vs 1-indexing), ``T < 1``, ``m <= 0``,
-            ``m0 <= 0`` or a non-finite value.
+    Raises
+    ------
+    ValueError
+        ``epoch < 1`` (a hint about 0- vs 1-indexing), ``T < 1``, ``m <= 0``, ``m0 <= 0`` or
+        a non-finite value.
+    TypeError
+        An argument is not a real number (``bool``, a string, ``None``...).
 
+    Examples
+    --------
     >>> mbn_lambda(1, total_epochs=200, batch_size=2)
     0.0
     >>> mbn_lambda(200, total_epochs=200, batch_size=2)   # 1 - 2/32
@@ -138,7 +152,7 @@ def mbn_lambda(
     total = _total(total_epochs)
     r = _ratio(batch_size, ideal_batch_size)
     if isinstance(epoch, np.ndarray):
-        t_arr = np.asarray(epoch, dtype=np.float64)
+        t_arr = as_real_array("epoch", epoch)
         if not np.all(t_arr >= 1):  # also rejects NaN
             bad = t_arr[~(t_arr >= 1)].flat[0]
             raise _epoch_error(float(bad))
@@ -176,6 +190,25 @@ def mbn_lambda_schedule(
     ``t = 1``, so ``schedule(count) == mbn_lambda(count + 1, ...)``. Arguments are validated
     here, once.
 
+    Parameters
+    ----------
+    total_epochs, batch_size, ideal_batch_size : float
+        As in :func:`mbn_lambda`: ``T >= 1``, ``m > 0`` and ``m0 > 0`` (default 32, §5.2).
+
+    Returns
+    -------
+    Schedule
+        ``count -> lam``; a negative or non-finite count raises ``ValueError``.
+
+    Raises
+    ------
+    ValueError
+        ``T < 1``, ``m <= 0``, ``m0 <= 0`` or a non-finite value.
+    TypeError
+        An argument is not a real number.
+
+    Examples
+    --------
     >>> lam = mbn_lambda_schedule(total_epochs=200, batch_size=2)
     >>> lam(0), lam(199)
     (0.0, 0.9375)
@@ -202,11 +235,32 @@ def mbn_tau(
     ``tau0`` is the decay wanted at the ideal batch size ``m0``; Eq. 12 keeps the weight
     ``tau**(N/m)`` that one epoch of ``N`` samples leaves on the start equal for every ``m``.
     The paper's final choice is ``m0 = 32``, ``tau0 = 0.85`` (§5.2, the defaults); §4.2
-    mentions ``m0 = 64``, ``tau0 = 0.9`` (:data:`PAPER_DEFAULTS_SEC_4_2`, SPEC §8 erratum 5).
+    mentions ``m0 = 64``, ``tau0 = 0.9`` (:data:`PAPER_DEFAULTS_SEC_4_2`; docs/spec.md §8,
+    erratum 5).
 
-    Raises:
-        ValueError: ``tau0`` outside ``(0, 1)``, ``m <= 0`` or ``m0 <= 0``.
+    Parameters
+    ----------
+    batch_size : float
+        The actual batch size ``m > 0``.
+    ideal_batch_size : float, optional
+        ``m0 > 0``; the paper uses 32 (§5.2).
+    tau0 : float, optional
+        The inference decay at ``m0``, in ``(0, 1)``; the paper uses 0.85 (§5.2).
 
+    Returns
+    -------
+    float
+        ``tau``, a decay in ``(0, 1)``.
+
+    Raises
+    ------
+    ValueError
+        ``tau0`` outside ``(0, 1)``, ``m <= 0`` or ``m0 <= 0``.
+    TypeError
+        An argument is not a real number.
+
+    Examples
+    --------
     >>> round(mbn_tau(batch_size=2), 4)   # the paper: "about 0.99"
     0.9899
     >>> mbn_tau(batch_size=32)

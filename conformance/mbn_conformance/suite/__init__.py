@@ -1,4 +1,6 @@
-"""The shipped conformance suite, run against any implementation through its Adapter::
+"""The shipped conformance suite, run against any implementation through its Adapter.
+
+Run it with pytest::
 
     pytest --pyargs mbn_conformance.suite --mbn-impl my_package.adapter:make_adapter
     pytest --pyargs mbn_conformance.suite --mbn-backend numpy

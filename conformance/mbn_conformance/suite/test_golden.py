@@ -17,6 +17,7 @@ _MAX_LISTED = 12
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Parametrize ``golden_case`` with every golden case, skips decided by the adapter."""
     if "golden_case" not in metafunc.fixturenames:
         return
     config = metafunc.config

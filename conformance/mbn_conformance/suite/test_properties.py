@@ -1,5 +1,7 @@
-"""The hypothesis properties of :mod:`mbn_conformance.properties` against the implementation
-under test (one test per property; the id is ``property/<name>``)."""
+"""The hypothesis properties of :mod:`mbn_conformance.properties` against the implementation.
+
+One test per property; the id is ``property/<name>``.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from mbn_conformance.pytest_plugin import adapter_for_collection, hypothesis_set
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Parametrize ``mbn_property`` with every property, skips decided by the adapter."""
     if "mbn_property" not in metafunc.fixturenames:
         return
     config = metafunc.config
