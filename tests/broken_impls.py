@@ -23,7 +23,8 @@ realistic mistake, the kind seen in public BN code:
 ====  ======================  =====================================================
 
 Regenerate the catch table in the docs with
-``python tests/broken_impls.py --write docs/conformance_catch_table.md``;
+``python tests/broken_impls.py --write docs/conformance_catch_table.md --docs
+docs/conformance.md``;
 ``tests/test_conformance_catches.py`` checks that the committed table is current.
 """
 
@@ -33,13 +34,13 @@ import argparse
 import fnmatch
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mbn_conformance import Capabilities, CaseResult, run
+from mbn_conformance import Capabilities, CaseResult, Setup, Step, checks
 from mbn_conformance.vectors import Case
 
 State = dict[str, np.ndarray]
@@ -93,15 +94,12 @@ class HandWrittenBN:
     computed in float32 (float16, float32) or float64 and outputs returned in their dtype.
     """
 
-    def __init__(self, bug: str | None = None, *, declared_var: Sequence[str] = ()) -> None:
+    def __init__(self, bug: str | None = None, *, running_var: str = "biased") -> None:
         if bug is not None and bug not in BUGS:
             raise ValueError(f"unknown bug {bug!r}; choose from {sorted(BUGS)}")
         self.bug = bug
         self.name = f"hand-written numpy BN/MBN ({bug or 'correct'})"
-        caps = Capabilities()
-        if declared_var:
-            caps = replace(caps, running_var=frozenset(declared_var))
-        self.capabilities = caps
+        self.capabilities = Capabilities(running_var=running_var)
 
     # -- arrays and state ---------------------------------------------------------------
     def from_numpy(self, a: np.ndarray) -> np.ndarray:
@@ -110,8 +108,9 @@ class HandWrittenBN:
     def to_numpy(self, a: np.ndarray) -> np.ndarray:
         return np.asarray(a)
 
-    def init_state(self, algorithm: str, num_features: int, dtype: str) -> State:
-        state = {k: np.zeros(num_features) for k in FLOAT_KEYS[algorithm]}
+    def init_state(self, setup: Setup) -> State:
+        num_features = setup.num_features
+        state = {k: np.zeros(num_features) for k in FLOAT_KEYS[setup.kind]}
         state["running_var"] = np.ones(num_features)
         if "moving_var" in state:
             state["moving_var"] = np.ones(num_features)
@@ -183,18 +182,14 @@ class HandWrittenBN:
 
     def _forward(
         self,
-        algorithm: str,
+        step: Step,
         state: State,
         xs: Sequence[np.ndarray],
         gamma: np.ndarray | None,
         beta: np.ndarray | None,
-        decay: float | None,
-        lam: float,
-        tau: float | None,
-        eps: float,
-        axis: int,
-        estimator: str,
     ) -> tuple[list[np.ndarray], State, _Ctx]:
+        algorithm, decay, lam, tau = step.kind, step.decay, step.lam, step.tau
+        eps, axis, estimator = step.eps, step.axis, step.estimator
         dtypes = [x.dtype for x in xs]
         cdt = _compute_dtype(dtypes[0])
         shards = [_to_nc(x, axis).astype(cdt) for x in xs]
@@ -290,43 +285,31 @@ class HandWrittenBN:
     # -- the adapter protocol -----------------------------------------------------------
     def train_step(
         self,
-        algorithm: str,
+        step: Step,
         state: State,
         x: np.ndarray,
         gamma: np.ndarray | None,
         beta: np.ndarray | None,
-        *,
-        decay: float | None,
-        lam: float,
-        tau: float | None,
-        eps: float,
-        axis: int,
-        estimator: str,
     ) -> tuple[np.ndarray, State, _Ctx]:
-        ys, new, ctx = self._forward(
-            algorithm, state, [x], gamma, beta, decay, lam, tau, eps, axis, estimator
-        )
+        ys, new, ctx = self._forward(step, state, [x], gamma, beta)
         return ys[0], new, ctx
 
     def eval_step(
         self,
-        algorithm: str,
+        step: Step,
         state: State,
         x: np.ndarray,
         gamma: np.ndarray | None,
         beta: np.ndarray | None,
-        *,
-        eps: float,
-        axis: int,
     ) -> np.ndarray:
         cdt = _compute_dtype(x.dtype)
-        xn = _to_nc(x, axis).astype(cdt)
+        xn = _to_nc(x, step.axis).astype(cdt)
         mu = state["running_mean"].astype(cdt)
-        rstd = self._rstd(state["running_var"].astype(cdt), eps)
+        rstd = self._rstd(state["running_var"].astype(cdt), step.eps)
         g = None if gamma is None else gamma.astype(cdt)
         b = None if beta is None else beta.astype(cdt)
         y = self._affine((xn - _channel(mu)) * _channel(rstd), g, b)
-        return _from_nc(y, x, axis).astype(x.dtype)
+        return _from_nc(y, x, step.axis).astype(x.dtype)
 
     def backward(self, ctx: _Ctx, dy: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         dxs, dgamma, dbeta = self._backward(ctx, [dy])
@@ -334,22 +317,13 @@ class HandWrittenBN:
 
     def sync_train_step(
         self,
-        algorithm: str,
+        step: Step,
         state: State,
         shards: Sequence[np.ndarray],
         gamma: np.ndarray | None,
         beta: np.ndarray | None,
-        *,
-        decay: float | None,
-        lam: float,
-        tau: float | None,
-        eps: float,
-        axis: int,
-        estimator: str,
     ) -> tuple[list[np.ndarray], State, _Ctx]:
-        return self._forward(
-            algorithm, state, list(shards), gamma, beta, decay, lam, tau, eps, axis, estimator
-        )
+        return self._forward(step, state, list(shards), gamma, beta)
 
     def sync_backward(
         self, ctx: _Ctx, dys: Sequence[np.ndarray]
@@ -395,7 +369,7 @@ def _plain(bug: str | None) -> HandWrittenBN:
 
 
 def _unbiased_only(bug: str | None) -> HandWrittenBN:
-    return HandWrittenBN(bug, declared_var=("unbiased",))
+    return HandWrittenBN(bug, running_var="unbiased")
 
 
 def _own_schedule(bug: str | None) -> HandWrittenBN:
@@ -409,7 +383,7 @@ _BUG_LIST = (
     Bug(
         "biased_running_var",
         "d",
-        "declares running_var={'unbiased'} but stores the biased variance",
+        "declares running_var='unbiased' but stores the biased variance",
         _unbiased_only,
     ),
     Bug("eq13_typo", "e", "printed Eq. 13 typo in the backward: (xhat_i - mu_M)", _plain),
@@ -435,21 +409,29 @@ def run_bug(bug: Bug, cases: Sequence[Case], *, broken: bool = True) -> list[Cas
     chosen = [
         c for c in cases if not bug.select or any(fnmatch.fnmatch(c.id, p) for p in bug.select)
     ]
-    return run(bug.make(bug.key if broken else None), chosen)
+    adapter = bug.make(bug.key if broken else None)
+    return [c.outcome() for c in checks(adapter, cases=chosen, refusals=False, schedules=False)]
 
 
 def caught(results: Sequence[CaseResult]) -> list[CaseResult]:
     return [r for r in results if r.status in ("fail", "error")]
 
 
+TABLE_HEAD = (
+    "| bug | broken implementation | cases run | caught by | example case | worst quantity "
+    "| diagnosis |"
+)
+
+
 def catch_table(cases: Sequence[Case]) -> str:
     """The Markdown catch table of the bugs the committed golden set catches."""
     lines = [
-        "<!-- generated by `python tests/broken_impls.py --write docs/conformance_catch_table.md`;",
+        "<!-- generated by `python tests/broken_impls.py --write docs/conformance_catch_table.md"
+        " --docs docs/conformance.md`;",
         "     tests/test_conformance_catches.py checks that it is current -->",
         "",
-        "| bug | broken implementation | cases run | caught by | example case | worst quantity |",
-        "| --- | --- | ---: | ---: | --- | --- |",
+        TABLE_HEAD,
+        "| --- | --- | ---: | ---: | --- | --- | --- |",
     ]
     for key in CAUGHT_BY_GOLDEN:
         bug = BUGS[key]
@@ -457,9 +439,10 @@ def catch_table(cases: Sequence[Case]) -> str:
         hits = caught(results)
         example = hits[0] if hits else None
         worst = "" if example is None else (example.worst or example.reason)
+        said = next((r.diagnoses[0] for r in hits if r.diagnoses), "")
         lines.append(
             f"| ({bug.label}) `{bug.key}` | {bug.summary} | {len(results)} | {len(hits)} | "
-            f"`{example.case if example else '-'}` | {worst} |"
+            f"`{example.id if example else '-'}` | {worst} | {said} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -469,6 +452,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description="Print or write the conformance catch table.")
     parser.add_argument("--write", type=Path, default=None, help="write the table to this file")
+    parser.add_argument(
+        "--docs",
+        type=Path,
+        default=None,
+        help="also replace the copy of the table in this page (docs/conformance.md)",
+    )
     args = parser.parse_args(argv)
     table = catch_table(vectors.read())
     if args.write is None:
@@ -476,6 +465,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         args.write.write_text(table, encoding="utf-8")
         print(f"wrote {args.write}")
+    if args.docs is not None:
+        page = args.docs.read_text(encoding="utf-8")
+        start = page.index(TABLE_HEAD)
+        end = page.index("\n\n", start)
+        body = table.split("\n", 3)[3].rstrip("\n")
+        args.docs.write_text(page[:start] + body + page[end:], encoding="utf-8")
+        print(f"updated the table in {args.docs}")
     return 0
 
 

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
 import mbn_ref as mr
-from mbn_ref import distributed
+from mbn_ref import distributed, schedules
 
-from .protocol import Capabilities
+from .protocol import REFUSALS, Capabilities, ScheduleSetup, Setup, Step
 
 BACKENDS = ("numpy", "array-api-strict", "torch-xp", "cupy")
 
@@ -41,15 +42,28 @@ def _namespace(backend: str) -> tuple[Any, frozenset[str]]:
 
 
 class CoreAdapter:
-    """The core's functions on one namespace, an :class:`~mbn_conformance.protocol.SyncAdapter`.
+    """The core's functions on one namespace, a :class:`~mbn_conformance.protocol.SyncAdapter`.
 
-    It speaks the suite's canonical convention (decays, canonical state keys) natively.
+    It speaks the suite's canonical convention (decays, canonical state keys) natively and
+    refuses every bad input of :data:`~mbn_conformance.protocol.REFUSALS`.
+
+    Parameters
+    ----------
+    backend : str
+        One of :data:`BACKENDS`.
+    running_var : {"biased", "unbiased"}
+        The running-variance estimator it stores (the core offers both).
     """
 
-    def __init__(self, backend: str = "numpy") -> None:
+    def __init__(self, backend: str = "numpy", *, running_var: str = "biased") -> None:
         self.xp, dtypes = _namespace(backend)
-        self.name = f"mbn_ref[{backend}]"
-        self.capabilities = Capabilities(dtypes=dtypes)
+        self.name = f"mbn_ref[{backend}]" + ("" if running_var == "biased" else f"[{running_var}]")
+        self.capabilities = Capabilities(
+            dtypes=dtypes,
+            running_var=running_var,
+            refuses=frozenset(REFUSALS),
+            version=mr.__version__,
+        )
 
     # -- arrays -------------------------------------------------------------------------
     def from_numpy(self, a: np.ndarray) -> Any:
@@ -65,13 +79,14 @@ class CoreAdapter:
         return np.asarray(a)
 
     # -- state --------------------------------------------------------------------------
-    def init_state(self, algorithm: str, num_features: int, dtype: str) -> Any:
-        """A fresh :class:`mbn_ref.MBNState` (``"mbn"``) or :class:`mbn_ref.BNState`, float64."""
-        # the golden state is float64 whatever the input dtype: states are kept at the spec
-        # precision, inputs and outputs in the case's dtype
-        dt = self.xp.float64
-        init = mr.init_state if algorithm == "mbn" else mr.init_bn_state
-        return init(num_features, xp=self.xp, dtype=dt)
+    def init_state(self, setup: Setup) -> Any:
+        """A fresh :class:`mbn_ref.MBNState` (MBN) or :class:`mbn_ref.BNState`, float64.
+
+        The golden state is float64 whatever the input dtype: states are kept at the spec
+        precision, inputs and outputs in the case's dtype.
+        """
+        init = mr.init_state if setup.kind == "mbn" else mr.init_bn_state
+        return init(setup.num_features, xp=self.xp, dtype=self.xp.float64)
 
     def load_state(self, state: Any, values: Mapping[str, np.ndarray]) -> Any:
         """A state of ``state``'s type holding ``values`` (canonical keys are the core's)."""
@@ -83,79 +98,75 @@ class CoreAdapter:
 
     # -- steps --------------------------------------------------------------------------
     @staticmethod
-    def _kwargs(algorithm: str, decay: Any, lam: float, tau: Any, estimator: str) -> dict[str, Any]:
-        if algorithm == "mbn":
-            return {"lam": lam, "tau": tau, "estimator": estimator}
-        return {"decay": decay, "estimator": estimator}
+    def _kwargs(step: Step) -> dict[str, Any]:
+        """The core's keyword arguments for ``step`` (its names are the suite's)."""
+        kw: dict[str, Any] = {"eps": step.eps, "axis": step.axis, "estimator": step.estimator}
+        if step.kind == "mbn":
+            kw.update(lam=step.lam, tau=step.tau)
+        else:
+            kw.update(decay=step.decay)
+        return kw
+
+    @staticmethod
+    def _forward(step: Step) -> Any:
+        return mr.mbn_forward if step.kind == "mbn" else mr.bn_forward
 
     def train_step(
-        self,
-        algorithm: str,
-        state: Any,
-        x: Any,
-        gamma: Any,
-        beta: Any,
-        *,
-        decay: float | None,
-        lam: float,
-        tau: float | None,
-        eps: float,
-        axis: int,
-        estimator: str,
+        self, step: Step, state: Any, x: Any, gamma: Any, beta: Any
     ) -> tuple[Any, Any, Any]:
         """``(y, new_state, ctx)`` of :func:`mbn_ref.mbn_forward` or :func:`mbn_ref.bn_forward`."""
-        forward = mr.mbn_forward if algorithm == "mbn" else mr.bn_forward
-        return forward(
-            x,
-            state,
-            gamma,
-            beta,
-            eps=eps,
-            axis=axis,
-            **self._kwargs(algorithm, decay, lam, tau, estimator),
-        )
+        out: tuple[Any, Any, Any] = self._forward(step)(x, state, gamma, beta, **self._kwargs(step))
+        return out
 
-    def eval_step(
-        self, algorithm: str, state: Any, x: Any, gamma: Any, beta: Any, *, eps: float, axis: int
-    ) -> Any:
+    def eval_step(self, step: Step, state: Any, x: Any, gamma: Any, beta: Any) -> Any:
         """``y`` of the core's forward function with ``training=False``."""
-        forward = mr.mbn_forward if algorithm == "mbn" else mr.bn_forward
-        return forward(x, state, gamma, beta, eps=eps, axis=axis, training=False)[0]
+        return self._forward(step)(
+            x, state, gamma, beta, eps=step.eps, axis=step.axis, training=False
+        )[0]
 
     def backward(self, ctx: Any, dy: Any) -> tuple[Any, Any, Any]:
         """``(dx, dgamma, dbeta)`` from :func:`mbn_ref.backward` (BN and MBN alike)."""
         return mr.mbn_backward(dy, ctx)
 
     def sync_train_step(
-        self,
-        algorithm: str,
-        state: Any,
-        shards: Sequence[Any],
-        gamma: Any,
-        beta: Any,
-        *,
-        decay: float | None,
-        lam: float,
-        tau: float | None,
-        eps: float,
-        axis: int,
-        estimator: str,
+        self, step: Step, state: Any, shards: Sequence[Any], gamma: Any, beta: Any
     ) -> tuple[list[Any], Any, Any]:
         """``(ys, new_state, ctxs)`` of :mod:`mbn_ref.distributed`'s simulated sync forward.
 
         Every shard's state is the same; the first one is returned.
         """
-        sync = distributed.sync_mbn_forward if algorithm == "mbn" else distributed.sync_bn_forward
-        ys, states, ctxs = sync(
-            shards,
-            state,
-            gamma,
-            beta,
-            eps=eps,
-            axis=axis,
-            **self._kwargs(algorithm, decay, lam, tau, estimator),
-        )
+        sync = distributed.sync_mbn_forward if step.kind == "mbn" else distributed.sync_bn_forward
+        ys, states, ctxs = sync(shards, state, gamma, beta, **self._kwargs(step))
         return ys, states[0], ctxs
+
+    def scheduled_train_step(
+        self,
+        schedule: ScheduleSetup,
+        epoch: int,
+        step: Step,
+        state: Any,
+        x: Any,
+        gamma: Any,
+        beta: Any,
+    ) -> tuple[Any, Any, Any, tuple[float, float]]:
+        """An MBN step with the decays of :mod:`mbn_ref.schedules` (Eq. 11 and Eq. 12).
+
+        The core drives its own decays like an adapter's scheduler would: ``epoch`` completed
+        epochs are the paper's 1-indexed ``t = epoch + 1``.
+        """
+        lam = schedules.mbn_lambda(
+            epoch + 1,
+            total_epochs=schedule.total_epochs,
+            batch_size=schedule.batch_size,
+            ideal_batch_size=schedule.ideal_batch_size,
+        )
+        tau = schedules.mbn_tau(
+            batch_size=schedule.batch_size,
+            ideal_batch_size=schedule.ideal_batch_size,
+            tau0=schedule.tau0,
+        )
+        y, new_state, ctx = self.train_step(replace(step, lam=lam, tau=tau), state, x, gamma, beta)
+        return y, new_state, ctx, (lam, tau)
 
     def sync_backward(self, ctx: Any, dys: Sequence[Any]) -> tuple[list[Any], Any, Any]:
         """``(dxs, dgamma, dbeta)`` of :func:`mbn_ref.distributed.sync_backward`.
@@ -166,5 +177,10 @@ class CoreAdapter:
 
 
 def make(backend: str = "numpy") -> CoreAdapter:
-    """Factory for ``--backend`` (and ``--impl mbn_conformance.builtin:make``)."""
-    return CoreAdapter(backend)
+    """Factory for ``--backend`` (and ``--impl mbn_conformance.builtin:make``).
+
+    ``backend`` may end in ``:unbiased`` for the core storing the unbiased running variance
+    (``--impl 'mbn_conformance.builtin:make(numpy:unbiased)'``).
+    """
+    name, _, estimator = backend.partition(":")
+    return CoreAdapter(name, running_var=estimator or "biased")

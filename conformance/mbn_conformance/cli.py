@@ -1,14 +1,17 @@
-"""``mbn-ref conformance``: run the golden cases against an implementation and report.
+"""``mbn-ref conformance``: run the checks against an implementation and report.
 
     mbn-ref conformance --backend numpy
     mbn-ref conformance --impl my_package.adapter:make --cases 'mbn/*' --json report.json
+    mbn-ref conformance --impl my_package.adapter:make --properties --xfails xfails.txt
 
 Exactly one of ``--backend`` (a built-in adapter over :mod:`mbn_ref`) and ``--impl
 module:factory`` (a callable returning an :class:`~mbn_conformance.protocol.Adapter`; the
-current directory is importable, like ``python -m``). Exit status: 0 when the
-implementation conforms (:func:`~mbn_conformance.runner.succeeded`), 1 when a case fails,
-errors or passes unexpectedly, 2 on a usage error (bad ``--impl``, an import that fails, an
-unreadable vector file, a pattern that selects nothing, an unwritable ``--json`` path).
+current directory is importable, like ``python -m``). The checks, their skips and known
+failures come from :func:`mbn_conformance.checks.checks`; this module only renders them.
+Exit status: 0 when the implementation conforms (:func:`~mbn_conformance.results.succeeded`),
+1 when a check fails, errors or passes unexpectedly, 2 on a usage error (bad ``--impl``, an
+import that fails, a file that is not a golden-vector archive, a pattern that selects
+nothing, a bad xfails file, an unwritable ``--json`` path).
 
 :func:`register` is the entry point ``conformance`` of the group ``mbn_ref.commands``
 (``pyproject.toml``): :mod:`mbn_ref.cli` loads it when ``mbn-ref conformance`` is used, and the
@@ -19,7 +22,6 @@ core never imports the suite. ``python -m mbn_conformance.cli`` runs it without 
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,17 +29,20 @@ from typing import Any
 
 from . import report, vectors
 from .builtin import BACKENDS
+from .checks import XfailEntry, XfailsFileError, checks, read_xfails
 from .loading import AdapterLoadError, backend_adapter, load_adapter
 from .protocol import Adapter
-from .runner import run, succeeded
+from .results import CaseResult, succeeded
 
-__all__ = ["add_arguments", "load_impl", "main", "register", "run_command"]
+__all__ = ["add_arguments", "load_impl", "main", "read_vectors", "register", "run_command"]
 
 PROG = "mbn-ref conformance"
 DESCRIPTION = (
-    "Run the conformance suite's golden cases against a BN/MBN implementation and print a "
-    "table (case, status, max abs/rel error, tolerance, worst quantity, reason); exit 0 when "
-    "it conforms, 1 when it does not, 2 on a usage error."
+    "Run the conformance suite's checks (golden cases, refusals of bad input, and with "
+    "--properties the hypothesis properties) against a BN/MBN implementation and print a "
+    "table (check, status, max abs/rel error, tolerance, worst quantity, reason) and the "
+    "verdict with its coverage; exit 0 when it conforms, 1 when it does not, 2 on a usage "
+    "error."
 )
 
 
@@ -63,14 +68,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PATTERN",
         action="append",
         default=[],
-        help="run only cases whose id matches this glob (repeatable), e.g. 'mbn/*'",
+        help="run only checks whose id matches this glob (repeatable), e.g. 'mbn/*', "
+        "'property/bn_*', 'refusal/*'",
     )
     parser.add_argument(
         "--vectors",
         metavar="PATH",
         type=Path,
         default=vectors.DEFAULT_PATH,
-        help="golden vector file (default: the committed golden_v1.npz)",
+        help=f"golden vector file (default: the committed {vectors.DEFAULT_PATH.name})",
+    )
+    parser.add_argument(
+        "--xfails",
+        metavar="FILE",
+        type=Path,
+        default=None,
+        help="known failures, one 'pattern  # reason' per line (globs on check ids)",
     )
     parser.add_argument(
         "--json",
@@ -84,7 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also check the hypothesis properties (needs hypothesis; ids property/<name>)",
     )
     parser.add_argument(
-        "--all", action="store_true", help="list passing cases too (default: only the others)"
+        "--all", action="store_true", help="list passing checks too (default: only the others)"
     )
     parser.add_argument(
         "--plain",
@@ -131,31 +144,38 @@ def run_command(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     adapter, source = _backend(args.backend) if args.backend else load_impl(args.impl)
-    if args.json not in (None, "-"):  # an unwritable report path fails before any case runs
+    if args.json not in (None, "-"):  # an unwritable report path fails before any check runs
         try:
             with open(args.json, "a", encoding="utf-8"):
                 pass
         except OSError as exc:
             raise UsageError(f"cannot write {args.json}: {exc}") from None
-    try:
-        cases = vectors.read(args.vectors)
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot read vectors {args.vectors}: {exc}") from None
+    cases = read_vectors(args.vectors)
+    xfails: list[XfailEntry] = []
+    if args.xfails is not None:
+        try:
+            xfails = read_xfails(args.xfails)
+        except XfailsFileError as exc:
+            raise UsageError(f"--xfails {exc}") from None
     patterns: list[str] = args.cases
-    own = [p for p in patterns if p.startswith("property/")]  # these select properties
-    golden = [p for p in patterns if p not in own]
-    if own and not golden:
-        chosen = []
-    else:
-        chosen = [
-            c for c in cases if not golden or any(fnmatch.fnmatchcase(c.id, p) for p in golden)
-        ]
-        if not chosen:
-            raise UsageError(f"no case id matches {' '.join(golden)} (in {args.vectors})")
-    results = run(adapter, chosen)
-    if args.properties:
-        results += _properties(adapter, own)
-    info = report.vectors_info(args.vectors, len(cases), len(chosen), patterns)
+    try:
+        found = checks(
+            adapter, cases=cases, select=patterns, properties=args.properties, xfails=xfails
+        )
+    except ImportError as exc:
+        if not args.properties:
+            raise
+        raise UsageError(f"--properties needs hypothesis (pip install hypothesis): {exc}") from None
+    if not found:
+        hint = (
+            " (properties are checked with --properties)"
+            if any(p.startswith("property/") for p in patterns) and not args.properties
+            else ""
+        )
+        raise UsageError(f"no check id matches {' '.join(patterns)}{hint}")
+    results = [c.outcome() for c in found]
+    golden = sum(c.kind == "golden" for c in found)
+    info = report.vectors_info(_shown(args.vectors), len(cases), golden, patterns)
     doc = report.build(adapter, results, info, source=source)
     text = report.dumps(doc)
     if args.json == "-":
@@ -170,19 +190,38 @@ def _run(args: argparse.Namespace) -> int:
     return 0 if succeeded(results) else 1
 
 
-def _properties(adapter: Adapter, select: Sequence[str]) -> list[Any]:
-    """The properties (all, or those matching ``property/...`` patterns) as result rows."""
+def _shown(path: Path) -> Path:
+    """``path`` relative to the current directory when it lies under it (for the header)."""
     try:
-        from . import properties
-    except ImportError as exc:
-        raise UsageError(f"--properties needs hypothesis: {exc}") from None
-    results = properties.run(adapter, select=select)
-    if select and not results:
-        raise UsageError(f"no property matches {' '.join(select)}")
-    return results
+        return path.resolve().relative_to(Path.cwd())
+    except ValueError:
+        return path
 
 
-def _print_human(doc: dict[str, Any], results: Sequence[Any], args: argparse.Namespace) -> None:
+def read_vectors(path: Path) -> list[vectors.Case]:
+    """The golden cases of ``path``; a :class:`UsageError` that says what is wrong otherwise.
+
+    A file that is not a golden-vector archive (``--vectors README.md``) is named as such,
+    never with NumPy's text about pickled data.
+    """
+    if not path.is_file():
+        raise UsageError(f"cannot read vectors {path}: no such file")
+    try:
+        return vectors.read(path)
+    except vectors.VectorFormatError as exc:
+        raise UsageError(f"--vectors {exc}") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read vectors {path}: {exc}") from None
+    except Exception as exc:  # NumPy's and zipfile's own errors for a file of another kind
+        raise UsageError(
+            f"--vectors {path} is not a golden-vector archive ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
+
+
+def _print_human(
+    doc: dict[str, Any], results: Sequence[CaseResult], args: argparse.Namespace
+) -> None:
     if not args.plain and sys.stdout.isatty():
         try:
             report.print_rich(doc, results, show_all=args.all)

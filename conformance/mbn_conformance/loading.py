@@ -8,6 +8,7 @@ usage error.
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import sys
 from typing import Any
@@ -26,6 +27,9 @@ PROTOCOL_MEMBERS = (
     "eval_step",
     "backward",
 )
+
+
+_V1_KEYWORDS = frozenset({"eps", "axis", "decay", "lam", "tau", "estimator"})
 
 
 class AdapterLoadError(ValueError):
@@ -80,7 +84,37 @@ def load_adapter(spec: str) -> Adapter:
             f"{spec!r} returned {type(adapter).__name__}, not an Adapter (missing: {missing}); "
             "see mbn_conformance.protocol.Adapter"
         )
+    old = protocol_v1_methods(adapter)
+    if old:
+        raise AdapterLoadError(
+            f"{spec!r} speaks protocol version 1: {', '.join(old)} take(s) the step's settings "
+            "as keywords; version 2 passes one Step (and init_state a Setup): see "
+            "docs/conformance.md, 'Writing an adapter'"
+        )
     return adapter
+
+
+def protocol_v1_methods(adapter: Any) -> list[str]:
+    """The adapter's methods with a version-1 signature (keyword ``eps``/``decay``...).
+
+    Version 2 passes a :class:`~mbn_conformance.protocol.Step` positionally; a method that
+    still declares the keywords of version 1 cannot work, so the loader says so at once.
+    """
+    old = []
+    for name in ("train_step", "eval_step", "sync_train_step"):
+        method = getattr(adapter, name, None)
+        if method is None:
+            continue
+        try:
+            params = inspect.signature(method).parameters
+        except (TypeError, ValueError):  # a builtin or C callable: nothing to tell
+            continue
+        if any(
+            p.kind is inspect.Parameter.KEYWORD_ONLY and p.name in _V1_KEYWORDS
+            for p in params.values()
+        ):
+            old.append(f"{name}()")
+    return old
 
 
 def backend_adapter(name: str) -> Adapter:

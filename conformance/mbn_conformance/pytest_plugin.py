@@ -7,11 +7,14 @@ Choose the implementation under test, then run the shipped suite::
     pytest --pyargs mbn_conformance.suite --mbn-backend numpy     # a built-in adapter
 
 ``module:factory`` names a callable (or an adapter object) in an importable module;
-``factory`` may be a dotted attribute path. Cases outside the adapter's declared
-:class:`~mbn_conformance.protocol.Capabilities` are skipped with the reason; its
-``known_failures`` and the lines of an ``--mbn-xfails FILE`` (``pattern  # reason``, fnmatch
-patterns on conformance ids such as ``mbn/NCHW/*`` or ``property/sync_*``) become strict
-xfails: a case that then passes fails the run, so the list cannot go stale.
+``factory`` may be a dotted attribute path. The tests are the checks of
+:func:`mbn_conformance.checks.checks`, which decides every skip (with its reason) and every
+known failure: the adapter's ``known_failures`` and the lines of an ``--mbn-xfails FILE``
+(``pattern  # reason``, glob patterns on check ids such as ``mbn/NCHW/*`` or
+``property/sync_*``) become strict xfails, so a known failure that passes fails the run and
+the list cannot go stale. The plugin only renders: a mark per check, the implementation and
+the planned coverage in the report header, the verdict with its coverage in the terminal
+summary.
 
 In a session that names no implementation the plugin adds its options and nothing else: no
 header lines, no fixtures used, no collection changes.
@@ -20,40 +23,25 @@ header lines, no fixtures used, no collection changes.
 from __future__ import annotations
 
 import contextlib
-import fnmatch
+import importlib.util
 import os
-import platform
-import sys
-from collections.abc import Iterable
-from dataclasses import dataclass
-from importlib import metadata
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
+if TYPE_CHECKING:
+    from .checks import Check, XfailEntry
+    from .results import CaseResult
+
 ENV_IMPL = "MBN_IMPL"
-_BACKENDS = ("numpy", "array-api-strict", "torch-xp", "cupy")
-# frameworks whose version the header reports when the adapter has imported them
-_FRAMEWORKS = (
-    "torch",
-    "tensorflow",
-    "keras",
-    "jax",
-    "mlx",
-    "cupy",
-    "array_api_strict",
-    "onnxruntime",
-)
-
-
-@dataclass(frozen=True)
-class XfailEntry:
-    """One known failure: an fnmatch pattern on conformance ids, the reason, where it came from."""
-
-    pattern: str
-    reason: str
-    source: str
+BACKENDS = ("numpy", "array-api-strict", "torch-xp", "cupy")
+"""The choices of ``--mbn-backend``: :data:`mbn_conformance.builtin.BACKENDS` (a test keeps
+them equal; the plugin does not import NumPy or the core until an implementation is named)."""
+CHECK_PARAM = "mbn_check"
+"""The argument the shipped tests are parametrized over: one :class:`~.checks.Check` each."""
 
 
 @dataclass
@@ -65,9 +53,12 @@ class _Session:
     xfails: list[XfailEntry]
     adapter: Any = None
     error: str | None = None
+    checks: list[Check] | None = None
+    items: list[tuple[pytest.Item, Check]] = field(default_factory=list)
 
 
 _KEY = pytest.StashKey[_Session]()
+_RESULT = pytest.StashKey["CaseResult"]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -82,14 +73,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--mbn-backend",
         default=None,
-        choices=_BACKENDS,
+        choices=BACKENDS,
         help="shortcut for a built-in adapter (mbn_conformance.builtin:make on that backend)",
     )
     group.addoption(
         "--mbn-xfails",
         default=None,
         metavar="FILE",
-        help="known failures, one 'pattern  # reason' per line (fnmatch on conformance ids)",
+        help="known failures, one 'pattern  # reason' per line (globs on check ids)",
     )
     group.addoption(
         "--mbn-max-examples",
@@ -101,33 +92,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def read_xfails(path: str | Path) -> list[XfailEntry]:
-    """Parse an xfails file: ``pattern  # reason`` per line; blank and ``#`` lines ignored.
+    """:func:`mbn_conformance.checks.read_xfails`, failing as a ``pytest.UsageError``."""
+    from .checks import XfailsFileError
+    from .checks import read_xfails as read
 
-    A pattern without a reason is a ``pytest.UsageError`` naming the file and line: every
-    expected failure carries its reason, as in scikit-learn's ``expected_failed_checks``.
-    """
-    p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise pytest.UsageError(f"--mbn-xfails: cannot read {p}: {exc}") from None
-    entries = []
-    for lineno, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        pattern, sep, reason = line.partition("#")
-        pattern, reason = pattern.strip(), reason.strip()
-        if not sep or not reason:
-            raise pytest.UsageError(
-                f"{p}:{lineno}: {pattern!r} has no reason; write it as 'pattern  # why it fails'"
-            )
-        if len(pattern.split()) != 1:
-            raise pytest.UsageError(
-                f"{p}:{lineno}: expected one pattern before '#', got {pattern!r}"
-            )
-        entries.append(XfailEntry(pattern, reason, f"{p.name}:{lineno}"))
-    return entries
+        return read(path)
+    except XfailsFileError as exc:
+        raise pytest.UsageError(f"--mbn-xfails: {exc}") from None
 
 
 def _session(config: pytest.Config) -> _Session:
@@ -183,7 +155,7 @@ def get_adapter(config: pytest.Config) -> Any:
         if sess.spec is None:
             raise pytest.UsageError(
                 "the suite needs an implementation: --mbn-impl module:factory, "
-                f"{ENV_IMPL}=module:factory, or --mbn-backend {{{','.join(_BACKENDS)}}}"
+                f"{ENV_IMPL}=module:factory, or --mbn-backend {{{','.join(BACKENDS)}}}"
             )
         try:
             sess.adapter = load_adapter(sess.spec)
@@ -193,43 +165,70 @@ def get_adapter(config: pytest.Config) -> Any:
     return sess.adapter
 
 
-def expected_failure(config: pytest.Config, adapter: Any, conformance_id: str) -> str | None:
-    """The reason ``conformance_id`` is a known failure, or ``None``.
+def _has_hypothesis() -> bool:
+    return importlib.util.find_spec("hypothesis") is not None
 
-    The adapter's own declaration is looked up first, then the xfails file.
+
+def session_checks(config: pytest.Config) -> list[Check]:
+    """Every check of the session's adapter, listed once (properties when hypothesis is here)."""
+    sess = _session(config)
+    if sess.checks is None:
+        from .checks import checks
+
+        adapter = get_adapter(config)
+        with_properties = _has_hypothesis()
+        sess.checks = checks(
+            adapter,
+            properties=with_properties,
+            xfails=sess.xfails,
+            hypothesis_settings=hypothesis_settings(config) if with_properties else None,
+        )
+    return sess.checks
+
+
+def _collection_error(exc: pytest.UsageError) -> pytest.Collector.CollectError:
+    """A usage error as a collection error, which pytest reports as the bare message."""
+    return pytest.Collector.CollectError(f"mbn-conformance: {exc}")
+
+
+def parametrize(metafunc: pytest.Metafunc, kind: str) -> None:
+    """Parametrize :data:`CHECK_PARAM` with the session's checks of ``kind``.
+
+    Each check carries its skip mark or its strict xfail mark; the test ids are the check
+    ids.
     """
-    for pattern, reason in adapter.capabilities.known_failures.items():
-        if fnmatch.fnmatchcase(conformance_id, pattern):
-            return f"{reason} (known_failures of {adapter.name})"
-    for entry in _session(config).xfails:
-        if fnmatch.fnmatchcase(conformance_id, entry.pattern):
-            return f"{entry.reason} ({entry.source})"
-    return None
-
-
-def adapter_for_collection(config: pytest.Config) -> Any:
-    """:func:`get_adapter` for ``pytest_generate_tests``.
-
-    A usage error becomes a collection error that pytest reports as the bare message (no
-    traceback).
-    """
+    if CHECK_PARAM not in metafunc.fixturenames:
+        return
     try:
-        return get_adapter(config)
+        adapter = get_adapter(metafunc.config)
+        found = [c for c in session_checks(metafunc.config) if c.kind == kind]
     except pytest.UsageError as exc:
-        raise pytest.Collector.CollectError(f"mbn-conformance: {exc}") from None
+        raise _collection_error(exc) from None
+    params = []
+    for check in found:
+        marks: list[pytest.MarkDecorator] = []
+        if check.skip is not None:
+            marks.append(pytest.mark.skip(reason=f"{adapter.name}: {check.skip}"))
+        elif check.xfail is not None:
+            marks.append(pytest.mark.xfail(strict=True, reason=check.xfail))
+        params.append(pytest.param(check, id=check.id, marks=marks))
+    metafunc.parametrize(CHECK_PARAM, params)
 
 
-def param(config: pytest.Config, value: Any, conformance_id: str, skip: str | None) -> Any:
-    """``pytest.param`` for one case or property, with its skip or strict-xfail mark."""
-    adapter = adapter_for_collection(config)
-    marks: list[pytest.MarkDecorator] = []
-    if skip is not None:
-        marks.append(pytest.mark.skip(reason=f"{adapter.name}: {skip}"))
-    else:
-        reason = expected_failure(config, adapter, conformance_id)
-        if reason is not None:
-            marks.append(pytest.mark.xfail(strict=True, reason=reason))
-    return pytest.param(value, id=conformance_id, marks=marks)
+def run_check(check: Check, record: Callable[[CaseResult], None]) -> None:
+    """Run ``check`` in a test: pass, or fail with :func:`~.report.describe`'s account.
+
+    A known failure fails here and its strict xfail mark records it as expected; if it
+    passes, strict mode reports the stale declaration.
+    """
+    from .report import describe
+
+    result = check.run()
+    record(result)
+    if result.status == "skip":  # the mark skips these before the call; kept for safety
+        pytest.skip(result.reason)
+    if result.status != "pass":
+        pytest.fail(describe(result), pytrace=False)
 
 
 def hypothesis_settings(config: pytest.Config) -> Any:
@@ -237,7 +236,7 @@ def hypothesis_settings(config: pytest.Config) -> Any:
 
     The ``mbn-conformance`` profile, unless the user chose a profile with
     ``--hypothesis-profile`` (then the loaded default); ``--mbn-max-examples`` overrides the
-    number of examples.
+    number of examples. The example database is always off: the suite writes nothing.
     """
     from hypothesis import settings
 
@@ -248,7 +247,7 @@ def hypothesis_settings(config: pytest.Config) -> Any:
         chosen = config.getoption("hypothesis_profile")
     base = settings() if chosen else default_settings()
     n = config.getoption("mbn_max_examples")
-    return base if n is None else settings(base, max_examples=n)
+    return settings(base, database=None, **({} if n is None else {"max_examples": n}))
 
 
 @pytest.fixture(scope="session")
@@ -257,31 +256,18 @@ def mbn_adapter(pytestconfig: pytest.Config) -> Any:
     return get_adapter(pytestconfig)
 
 
-def _version(dist: str, module: str | None = None) -> str | None:
-    mod = sys.modules.get(module or dist)
-    v = getattr(mod, "__version__", None)
-    if isinstance(v, str):
-        return v
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
+@pytest.fixture
+def mbn_record(request: pytest.FixtureRequest) -> Callable[[CaseResult], None]:
+    """Keep a check's result on its test item, for the verdict in the terminal summary."""
 
+    def record(result: CaseResult) -> None:
+        request.node.stash[_RESULT] = result
 
-def _caps_line(caps: Any) -> str:
-    def join(values: Iterable[str]) -> str:
-        return ",".join(sorted(values))
-
-    return (
-        f"algorithms={join(caps.algorithms)} dtypes={join(caps.dtypes)} "
-        f"layouts={join(caps.layouts)} running_var={join(caps.running_var)} "
-        f"backward={caps.backward} affine_optional={caps.affine_optional} "
-        f"native_momentum={caps.native_momentum} known_failures={len(caps.known_failures)}"
-    )
+    return record
 
 
 def pytest_report_header(config: pytest.Config) -> list[str] | None:
-    """The implementation, its capabilities and versions, for pytest's header.
+    """The implementation, its capabilities, versions and planned coverage.
 
     Nothing when no implementation is named (the plugin stays silent in sessions that do not
     use it).
@@ -292,24 +278,60 @@ def pytest_report_header(config: pytest.Config) -> list[str] | None:
     lines = [f"mbn-conformance: implementation {sess.spec} (from {sess.source})"]
     try:
         adapter = get_adapter(config)
+        planned = session_checks(config)
     except pytest.UsageError as exc:
         return [*lines, f"mbn-conformance: cannot load it: {exc}"]
-    lines[0] = f"mbn-conformance: implementation {adapter.name} = {sess.spec} (from {sess.source})"
-    lines.append(f"mbn-conformance: capabilities {_caps_line(adapter.capabilities)}")
-    versions = [
-        f"mbn_ref {_version('mbn-ref', 'mbn_ref')}",
-        f"numpy {_version('numpy')}",
-        f"python {platform.python_version()}",
-    ]
-    top = type(adapter).__module__.split(".")[0]
-    for name in (top, *_FRAMEWORKS):
-        if name in ("mbn_conformance", "mbn_ref") or name not in sys.modules:
-            continue
-        v = _version(name.replace("_", "-"), name)
-        entry = f"{name} {v}"
-        if v is not None and entry not in versions:
-            versions.append(entry)
-    lines.append("mbn-conformance: versions " + ", ".join(versions))
+    from .environment import environment, versions_line
+    from .report import capabilities_dict, capabilities_line
+    from .results import coverage_of, skipped_text
+
+    version = adapter.capabilities.version
+    lines[0] = (
+        f"mbn-conformance: implementation {adapter.name}"
+        f"{f' version {version}' if version else ''} = {sess.spec} (from {sess.source})"
+    )
+    lines.append(
+        "mbn-conformance: capabilities "
+        + capabilities_line(capabilities_dict(adapter.capabilities))
+    )
+    lines.append("mbn-conformance: versions " + versions_line(environment(adapter)))
+    cov = coverage_of(len(planned), [c.skip for c in planned if c.skip is not None])
+    skipped = skipped_text(cov)
+    lines.append(
+        f"mbn-conformance: {cov['total']} checks, {cov['run']} to run"
+        + (f"; {skipped}" if skipped else "")
+    )
     if sess.xfails:
         lines.append(f"mbn-conformance: {len(sess.xfails)} known failures from --mbn-xfails")
     return lines
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Remember the suite's items (after deselection) for the terminal summary."""
+    sess = _session(session.config)
+    if sess.spec is None:
+        return
+    from .checks import Check
+
+    for item in session.items:
+        check = getattr(getattr(item, "callspec", None), "params", {}).get(CHECK_PARAM)
+        if isinstance(check, Check):
+            sess.items.append((item, check))
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    """The verdict with its coverage, over the checks this session ran or skipped."""
+    sess = _session(config)
+    if sess.spec is None or not sess.items:
+        return
+    from .results import summarize, verdict_line
+
+    results = []
+    for item, check in sess.items:
+        if check.skip is not None:
+            results.append(check.run())
+        elif _RESULT in item.stash:
+            results.append(check.judge(item.stash[_RESULT]))
+    if results:
+        terminalreporter.write_sep("-", "mbn-conformance")
+        terminalreporter.write_line(verdict_line(summarize(results)))

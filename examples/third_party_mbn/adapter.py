@@ -7,20 +7,24 @@ The worked example of ``docs/conformance.md``::
 The suite speaks decays and canonical state keys; TinyNorm speaks PyTorch. The adapter
 translates, and nothing else:
 
-==========================  ==========================================================
-suite (canonical)           TinyNorm
-==========================  ==========================================================
-``decay`` (BN), ``tau``     ``momentum = 1 - decay`` (update rate); ``None`` stays ``None``
-``lam`` (MBN)               ``train_momentum = 1 - lam``
-``estimator``               ``unbiased = (estimator == "unbiased")``
-channel ``axis``            moved to axis 1 and back (TinyNorm is ``(N, C, *)`` only)
-``moving_mean/_var``        ``train_mean`` / ``train_var``
-``running_*``, count        ``running_*``, ``num_batches_tracked`` (same names)
-``gamma`` / ``beta``        ``weight`` / ``bias``; ``None``: ``affine=False``
-==========================  ==========================================================
+===============================  =====================================================
+suite (canonical)                TinyNorm
+===============================  =====================================================
+``Setup``                        ``MomentumBatchNorm(num_features, affine=..., dtype=...)``
+                                 with a ``train_momentum`` for MBN: the layer is the state
+``Step.decay`` (BN), ``.tau``    ``momentum = 1 - decay`` (update rate); ``None`` stays
+                                 ``None`` (:meth:`Step.update_rate`)
+``Step.lam`` (MBN)               ``train_momentum = 1 - lam``
+running-variance estimator       declared ``"unbiased"``: TinyNorm's default, kept
+channel ``axis``                 moved to axis 1 and back (TinyNorm is ``(N, C, *)`` only)
+``moving_mean/_var``             ``train_mean`` / ``train_var``
+``running_*``, count             ``running_*``, ``num_batches_tracked`` (same names)
+``gamma`` / ``beta``             ``weight`` / ``bias``
+===============================  =====================================================
 
 Capabilities are declared honestly: float32/float64 (TinyNorm has no float16), no
-synchronized statistics, and one known failure with its reason.
+synchronized statistics, the unbiased running variance it stores, and the one bad input it
+refuses (a training batch with one value per channel, like PyTorch).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from mbn_conformance import Capabilities
+from mbn_conformance import Capabilities, Setup, Step
 
 from .tinynorm import MomentumBatchNorm
 
@@ -49,13 +53,9 @@ class TinyNormAdapter:
     capabilities = Capabilities(
         dtypes=frozenset({"float32", "float64"}),
         algorithms=frozenset({"bn", "dynamic_bn", "cumulative", "mbn"}),
+        running_var="unbiased",  # TinyNorm's default, like PyTorch's
         native_momentum="update_rate",
-        known_failures={
-            "mbn/*/N1/*": (
-                "TinyNorm refuses a training batch with one value per channel (PyTorch's "
-                "rule), also in MBN mode where the moving statistics could normalize it"
-            ),
-        },
+        refuses=frozenset({"one_value_per_channel"}),
     )
 
     def from_numpy(self, a: np.ndarray) -> np.ndarray:
@@ -66,11 +66,17 @@ class TinyNormAdapter:
         """``a`` as a NumPy array (it already is one)."""
         return np.asarray(a)
 
-    def init_state(self, algorithm: str, num_features: int, dtype: str) -> MomentumBatchNorm:
-        """A fresh TinyNorm layer in ``dtype``, tagged with ``algorithm``: the state."""
-        layer = MomentumBatchNorm(num_features, dtype=np.dtype(dtype))
-        layer.algorithm = algorithm  # type: ignore[attr-defined]
-        return layer
+    def init_state(self, setup: Setup) -> MomentumBatchNorm:
+        """A TinyNorm layer for ``setup``: the state.
+
+        Plain BN or MBN (a ``train_momentum``), affine or not, in the inputs' dtype.
+        """
+        return MomentumBatchNorm(
+            setup.num_features,
+            train_momentum=0.0 if setup.kind == "mbn" else None,
+            affine=setup.affine,
+            dtype=np.dtype(setup.dtype),
+        )
 
     def load_state(
         self, state: MomentumBatchNorm, values: Mapping[str, np.ndarray]
@@ -83,70 +89,44 @@ class TinyNormAdapter:
         return state
 
     def state_to_numpy(self, state: MomentumBatchNorm) -> dict[str, np.ndarray]:
-        """The layer's buffers under canonical keys (MBN's moving statistics for ``"mbn"``)."""
-        keys = ("running_mean", "running_var")
-        if state.algorithm == "mbn":  # type: ignore[attr-defined]
+        """The layer's buffers under canonical keys (the moving statistics in MBN mode)."""
+        keys: tuple[str, ...] = ("running_mean", "running_var")
+        if state.train_momentum is not None:
             keys += ("moving_mean", "moving_var")
         out = {k: np.asarray(getattr(state, STATE_KEYS[k])) for k in keys}
         out["num_batches_tracked"] = np.asarray(state.num_batches_tracked, dtype=np.int64)
         return out
 
     @staticmethod
-    def _set_params(layer: MomentumBatchNorm, gamma: Any, beta: Any, eps: float) -> None:
-        layer.eps = eps
-        layer.affine = gamma is not None
+    def _configure(layer: MomentumBatchNorm, step: Step, gamma: Any, beta: Any) -> None:
+        """Translate ``step`` into the layer's PyTorch-style settings (table above)."""
+        layer.eps = step.eps
+        layer.training = step.training
         layer.weight = None if gamma is None else np.asarray(gamma, dtype=layer.dtype)
         layer.bias = None if beta is None else np.asarray(beta, dtype=layer.dtype)
+        if step.kind == "mbn":
+            layer.train_momentum = 1.0 - step.lam
+        layer.momentum = Step.update_rate(step.inference_decay)
 
     def train_step(
-        self,
-        algorithm: str,
-        state: MomentumBatchNorm,
-        x: np.ndarray,
-        gamma: Any,
-        beta: Any,
-        *,
-        decay: float | None,
-        lam: float,
-        tau: float | None,
-        eps: float,
-        axis: int,
-        estimator: str,
+        self, step: Step, state: MomentumBatchNorm, x: np.ndarray, gamma: Any, beta: Any
     ) -> tuple[np.ndarray, MomentumBatchNorm, tuple[MomentumBatchNorm, int]]:
         """One training ``forward``, decays translated to update rates (table above).
 
         Returns ``(y, layer, (layer, axis))``: the context is the layer, whose cache
         :meth:`backward` uses, and the channel axis.
         """
-        layer = state
-        self._set_params(layer, gamma, beta, eps)
-        layer.training = True
-        layer.unbiased = estimator == "unbiased"
-        if algorithm == "mbn":
-            layer.train_momentum = 1.0 - lam
-            layer.momentum = None if tau is None else 1.0 - tau
-        else:
-            layer.train_momentum = None
-            layer.momentum = None if decay is None else 1.0 - decay
-        ax = axis % x.ndim
-        y = layer.forward(np.moveaxis(x, ax, 1))
-        return np.moveaxis(y, 1, ax), layer, (layer, ax)
+        self._configure(state, step, gamma, beta)
+        ax = step.axis % x.ndim
+        y = state.forward(np.moveaxis(x, ax, 1))
+        return np.moveaxis(y, 1, ax), state, (state, ax)
 
     def eval_step(
-        self,
-        algorithm: str,
-        state: MomentumBatchNorm,
-        x: np.ndarray,
-        gamma: Any,
-        beta: Any,
-        *,
-        eps: float,
-        axis: int,
+        self, step: Step, state: MomentumBatchNorm, x: np.ndarray, gamma: Any, beta: Any
     ) -> np.ndarray:
         """The layer's evaluation-mode ``forward`` (running statistics)."""
-        self._set_params(state, gamma, beta, eps)
-        state.training = False
-        ax = axis % x.ndim
+        self._configure(state, step, gamma, beta)
+        ax = step.axis % x.ndim
         return np.moveaxis(state.forward(np.moveaxis(x, ax, 1)), 1, ax)
 
     def backward(

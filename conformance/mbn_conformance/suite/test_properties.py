@@ -5,30 +5,22 @@ One test per property; the id is ``property/<name>``.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
 
 import pytest
 
 pytest.importorskip("hypothesis", reason="the properties need hypothesis (pip install hypothesis)")
 
-from mbn_conformance import properties
-from mbn_conformance.pytest_plugin import adapter_for_collection, hypothesis_settings, param
+from mbn_conformance.checks import Check
+from mbn_conformance.pytest_plugin import parametrize, run_check
+from mbn_conformance.results import CaseResult
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Parametrize ``mbn_property`` with every property, skips decided by the adapter."""
-    if "mbn_property" not in metafunc.fixturenames:
-        return
-    config = metafunc.config
-    adapter = adapter_for_collection(config)
-    metafunc.parametrize(
-        "mbn_property",
-        [param(config, p, p.id, properties.skip_reason(adapter, p)) for p in properties.PROPERTIES],
-    )
+    """Parametrize with every property; skips and known failures from the generator."""
+    parametrize(metafunc, "property")
 
 
-def test_property(
-    mbn_adapter: Any, mbn_property: properties.Property, pytestconfig: pytest.Config
-) -> None:
+def test_property(mbn_check: Check, mbn_record: Callable[[CaseResult], None]) -> None:
     """The law holds on every example hypothesis draws (see the property's docstring)."""
-    mbn_property.check(mbn_adapter, hypothesis_settings(pytestconfig))
+    run_check(mbn_check, mbn_record)
