@@ -26,6 +26,7 @@ from ._array import (
 )
 from ._validate import check_positive, is_real_scalar
 from .context import NormContext
+from .conventions import cumulative_decay
 from .errors import NonFiniteError
 
 NonfinitePolicy = Literal["propagate", "skip_update", "raise"]
@@ -213,12 +214,6 @@ def keep_if(xp: Namespace, ok: Array | None, new: Array, old: Array) -> Array:
     return new if ok is None else xp.where(ok, new, old)
 
 
-def cumulative_decay(xp: Namespace, n: Array, dtype: Any) -> Array:
-    """Decay ``n/(n+1)`` of the (n+1)-th update: the running value is the exact mean."""
-    nf = xp.astype(n, dtype)
-    return nf / (nf + 1)
-
-
 def update_flag(b: Batch, var: Array, m: int | Array) -> Array | None:
     """The 0-d "this batch updates the state" flag, or ``None`` when it always does.
 
@@ -249,7 +244,7 @@ def update_running(
     cumulative average; ``var`` is already under the chosen estimator; ``ok`` is
     :func:`update_flag`'s.
     """
-    d = cumulative_decay(xp, n, mean.dtype) if decay is None else decay
+    d = cumulative_decay(n, mean.dtype, xp=xp) if decay is None else decay
     return (
         keep_if(xp, ok, _kernels.ema(running_mean, mean, d), running_mean),
         keep_if(xp, ok, _kernels.ema(running_var, var, d), running_var),

@@ -25,6 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import array_api_compat
+
 from . import _kernels
 from ._validate import check_decay, check_int, check_update_rate
 
@@ -33,6 +35,7 @@ __all__ = [
     "Estimator",
     "FrameworkConvention",
     "biased_from_unbiased",
+    "cumulative_decay",
     "decay_from_keras",
     "decay_from_torch",
     "decay_from_update_rate",
@@ -303,6 +306,41 @@ def keras_from_decay(decay: float) -> float:
     0.9
     """
     return validate_decay(decay)
+
+
+def cumulative_decay(num_batches_tracked: Any, dtype: Any, *, xp: Any = None) -> Any:
+    """The decay of the cumulative average's next update: ``n/(n+1)`` after ``n`` updates.
+
+    The (n+1)-th update with this decay keeps the running value the exact mean of every batch
+    statistic seen (PyTorch's ``momentum=None``; ``decay=None`` in the core). It is computed
+    on the counter's array, without a host read, so a compiled program can select it at run
+    time.
+
+    Parameters
+    ----------
+    num_batches_tracked : array
+        The 0-d integer counter ``n`` of updates so far.
+    dtype : dtype
+        The floating dtype of the result.
+    xp : namespace, optional
+        The counter's Array API namespace; by default found with array-api-compat.
+
+    Returns
+    -------
+    array
+        ``n/(n+1)`` as a 0-d array of ``dtype``: 0 for the first update (it replaces the
+        initial value), 1/2 for the second, ...
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> float(cumulative_decay(np.asarray(3), np.float64))
+    0.75
+    """
+    if xp is None:
+        xp = array_api_compat.array_namespace(num_batches_tracked)
+    nf = xp.astype(num_batches_tracked, dtype)
+    return nf / (nf + 1)
 
 
 def unbiased_factor(m: int) -> float:

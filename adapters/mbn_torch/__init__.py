@@ -1,1 +1,19 @@
-"""mbn_torch: the PyTorch adapter (planned; its seams: docs/adapters.md)."""
+"""mbn_torch: the PyTorch adapter of mbn-ref (docs/torch.md; its seams: docs/adapters.md).
+
+>>> import torch
+>>> import mbn_torch
+>>> bn = mbn_torch.MomentumBatchNorm2d(3, lam=0.5)
+>>> bn(torch.randn(2, 3, 4, 4)).shape
+torch.Size([2, 3, 4, 4])
+"""
+
+from ._function import batch_statistics_norm, momentum_batch_norm
+from .modules import MomentumBatchNorm1d, MomentumBatchNorm2d, MomentumBatchNorm3d
+
+__all__ = [
+    "MomentumBatchNorm1d",
+    "MomentumBatchNorm2d",
+    "MomentumBatchNorm3d",
+    "batch_statistics_norm",
+    "momentum_batch_norm",
+]

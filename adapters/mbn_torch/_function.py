@@ -1,0 +1,222 @@
+"""The ``torch.autograd.Function`` around the core's forward and backward.
+
+The forward pass is :func:`mbn_ref.mbn_forward` (or :func:`mbn_ref.bn_forward` without
+running statistics) on ``array_api_compat.torch``; the backward context is saved with
+``save_for_backward`` through :meth:`mbn_ref.NormContext.split`, and the backward pass is
+:func:`mbn_ref.backward`. Decays are 0-d tensors (runtime state): they are never read on the
+host, so a new value reuses a compiled graph. The functions here are pure: they return the
+new state, and the modules write it into their buffers.
+
+>>> import torch
+>>> import mbn_ref as mr
+>>> import array_api_compat.torch as xp
+>>> state = mr.init_state(3, xp=xp, dtype=torch.float64)
+>>> x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+>>> y, new = momentum_batch_norm(x, None, None, state, torch.tensor(0.5), torch.tensor(0.9))
+>>> y.sum().backward()
+>>> x.grad.shape, int(new.num_batches_tracked)
+(torch.Size([4, 3]), 1)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import array_api_compat.torch as txp
+import torch
+
+import mbn_ref as mr
+
+__all__ = ["batch_statistics_norm", "momentum_batch_norm", "snapshot"]
+
+_N_STATE = len(mr.MBNState._fields)
+
+
+@torch.library.custom_op("mbn_torch::snapshot", mutates_args=())
+def snapshot(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` that a compiled backward saves rather than recomputes.
+
+    Under ``torch.compile``, AOTAutograd's min-cut partitioner may recompute a saved
+    statistic in the backward from a state buffer that the forward mutated, reading the
+    updated buffer: silently wrong gradients (PyTorch pull request 197039, "Don't recompute
+    reads of mutated inputs or mutable buffers", open). A custom op is not on the
+    partitioner's recompute allowlist, so its output is saved (a C-vector).
+
+    Parameters
+    ----------
+    t : torch.Tensor
+        The state tensor to copy.
+
+    Returns
+    -------
+    torch.Tensor
+        A copy of ``t``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> snapshot(torch.ones(2)).tolist()
+    [1.0, 1.0]
+    """
+    return t.clone()
+
+
+@snapshot.register_fake
+def _(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(t)
+
+
+class _MBNFunction(torch.autograd.Function):
+    """MBN (BN when ``lam = 0``) with its state: ``(y, *new_state, arrays, static)``."""
+
+    @staticmethod
+    def forward(
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        *rest: Any,
+    ) -> Any:
+        state = mr.MBNState(*rest[:_N_STATE])
+        lam, tau, training, eps, estimator = rest[_N_STATE:]
+        y, new_state, ctx = mr.mbn_forward(
+            x,
+            state,
+            weight,
+            bias,
+            lam=lam,
+            tau=tau,
+            eps=eps,
+            training=training,
+            estimator=estimator,
+            xp=txp,
+        )
+        arrays, static = ctx.split()
+        return (y, *new_state, arrays, static)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        ctx.save_for_backward(*output[-2])
+        ctx.static = output[-1]
+        ctx.mark_non_differentiable(*output[1 : 1 + _N_STATE])
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor, *unused: Any) -> Any:
+        core_ctx = mr.NormContext.join(ctx.saved_tensors, ctx.static)
+        dx, dweight, dbias = mr.backward(dy, core_ctx, xp=txp)
+        return (dx, dweight, dbias) + (None,) * (_N_STATE + 5)
+
+
+class _BatchStatisticsFunction(torch.autograd.Function):
+    """BN with the batch's statistics and no state: ``(y, arrays, static)``."""
+
+    @staticmethod
+    def forward(
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        eps: float,
+    ) -> Any:
+        y, _, ctx = mr.bn_forward(x, None, weight, bias, eps=eps, training=True, xp=txp)
+        arrays, static = ctx.split()
+        return (y, arrays, static)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        ctx.save_for_backward(*output[-2])
+        ctx.static = output[-1]
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor, *unused: Any) -> Any:
+        core_ctx = mr.NormContext.join(ctx.saved_tensors, ctx.static)
+        dx, dweight, dbias = mr.backward(dy, core_ctx, xp=txp)
+        return dx, dweight, dbias, None
+
+
+def momentum_batch_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    state: mr.MBNState,
+    lam: torch.Tensor,
+    tau: torch.Tensor,
+    *,
+    training: bool = True,
+    eps: float = 1e-5,
+    estimator: str = "unbiased",
+) -> tuple[torch.Tensor, mr.MBNState]:
+    """MBN on tensors, differentiable in ``x``, ``weight`` and ``bias``.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        Input ``(N, C, ...)``, channels on axis 1 (any memory format).
+    weight, bias : torch.Tensor or None
+        Per-channel affine parameters.
+    state : mbn_ref.MBNState
+        The state before this step; not modified.
+    lam, tau : torch.Tensor
+        0-d decays (weights on history) of the training and the inference statistics.
+    training : bool, optional
+        Normalize with the moving statistics and update the state; else use the inference
+        statistics.
+    eps : float, optional
+        Added to the variance inside the square root.
+    estimator : {"unbiased", "biased"}, optional
+        The batch variance in ``running_var`` (PyTorch's: unbiased).
+
+    Returns
+    -------
+    y : torch.Tensor
+        The output, in ``x``'s dtype.
+    state : mbn_ref.MBNState
+        The new state (detached); the given tensors' values in evaluation.
+
+    Examples
+    --------
+    >>> import torch
+    >>> import mbn_ref as mr
+    >>> import array_api_compat.torch as xp
+    >>> state = mr.init_state(2, xp=xp)
+    >>> x = torch.tensor([[1.0, 0.0], [3.0, 0.0]])
+    >>> y, new = momentum_batch_norm(x, None, None, state, torch.tensor(0.0), torch.tensor(0.9))
+    >>> [round(v, 4) for v in y[:, 0].tolist()], [round(v, 6) for v in new.running_mean.tolist()]
+    ([-1.0, 1.0], [0.2, 0.0])
+    """
+    out = _MBNFunction.apply(  # type: ignore[no-untyped-call]
+        x, weight, bias, *state, lam, tau, training, eps, estimator
+    )
+    return out[0], mr.MBNState(*(s.detach() for s in out[1 : 1 + _N_STATE]))
+
+
+def batch_statistics_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    *,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """BN with the batch's own statistics, no state (``track_running_stats=False``).
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        Input ``(N, C, ...)``.
+    weight, bias : torch.Tensor or None
+        Per-channel affine parameters.
+    eps : float, optional
+        Added to the variance inside the square root.
+
+    Returns
+    -------
+    torch.Tensor
+        The output, in ``x``'s dtype.
+
+    Examples
+    --------
+    >>> import torch
+    >>> y = batch_statistics_norm(torch.tensor([[1.0], [3.0]]), None, None)
+    >>> [round(v, 4) for v in y[:, 0].tolist()]
+    [-1.0, 1.0]
+    """
+    y: torch.Tensor = _BatchStatisticsFunction.apply(x, weight, bias, eps)[0]  # type: ignore[no-untyped-call]
+    return y
