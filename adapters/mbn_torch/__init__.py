@@ -8,6 +8,7 @@ torch.Size([2, 3, 4, 4])
 """
 
 from ._function import batch_statistics_norm, momentum_batch_norm
+from .convert import convert_to_batchnorm, convert_to_mbn
 from .modules import MomentumBatchNorm1d, MomentumBatchNorm2d, MomentumBatchNorm3d
 
 __all__ = [
@@ -15,5 +16,7 @@ __all__ = [
     "MomentumBatchNorm2d",
     "MomentumBatchNorm3d",
     "batch_statistics_norm",
+    "convert_to_batchnorm",
+    "convert_to_mbn",
     "momentum_batch_norm",
 ]
