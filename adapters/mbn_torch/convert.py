@@ -90,6 +90,24 @@ def _device_dtype(module: nn.Module) -> tuple[torch.device | None, torch.dtype |
     return (lam.device if isinstance(lam, torch.Tensor) else None), None
 
 
+def _adopt(target: torch.nn.Module, source: torch.nn.Module) -> None:
+    """Give ``target`` the parameters, statistics and mode of ``source``, shared.
+
+    As ``SyncBatchNorm.convert_sync_batchnorm`` does: the same ``Parameter`` objects (an
+    optimizer built before the conversion keeps working) and the same statistics tensors.
+    """
+    if source.affine:
+        with torch.no_grad():
+            target.weight = source.weight
+            target.bias = source.bias
+    if source.track_running_stats:
+        for stat in _STATISTICS:
+            target.register_buffer(stat, getattr(source, stat))
+    target.training = source.training
+    if hasattr(source, "qconfig"):
+        target.qconfig = source.qconfig
+
+
 def _to_mbn(module: nn.Module, lam: float, sync_ndim: int | None) -> nn.Module:
     module_output = module
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -108,16 +126,7 @@ def _to_mbn(module: nn.Module, lam: float, sync_ndim: int | None) -> nn.Module:
         # moving_mean/moving_var start from the running statistics
         module_output.load_state_dict(module.state_dict(), strict=True)
         # then, as convert_sync_batchnorm: the same Parameter objects and statistics tensors
-        if module.affine:
-            with torch.no_grad():
-                module_output.weight = module.weight
-                module_output.bias = module.bias
-        if module.track_running_stats:
-            for stat in _STATISTICS:
-                module_output.register_buffer(stat, getattr(module, stat))
-        module_output.training = module.training
-        if hasattr(module, "qconfig"):
-            module_output.qconfig = module.qconfig
+        _adopt(module_output, module)
     for name, child in module.named_children():
         module_output.add_module(name, _to_mbn(child, lam, sync_ndim))
     del module
@@ -209,16 +218,7 @@ def _to_bn(module: nn.Module) -> nn.Module:
             device=device,
             dtype=dtype,
         )
-        if module.affine:
-            with torch.no_grad():
-                module_output.weight = module.weight
-                module_output.bias = module.bias
-        if module.track_running_stats:
-            for stat in _STATISTICS:
-                module_output.register_buffer(stat, getattr(module, stat))
-        module_output.training = module.training
-        if hasattr(module, "qconfig"):
-            module_output.qconfig = module.qconfig
+        _adopt(module_output, module)
     for name, child in module.named_children():
         module_output.add_module(name, _to_bn(child))
     del module
