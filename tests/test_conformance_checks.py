@@ -19,11 +19,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+from _fused_core import FusedCore
 
 from mbn_conformance import (
     CaseResult,
     FusedSyncAdapter,
-    Setup,
     Step,
     SyncAdapter,
     builtin,
@@ -246,53 +246,9 @@ def test_float32_hyperparameters_are_translated(cases: list[Any]) -> None:
 
 
 # -- the fused synchronized step --------------------------------------------------------------
-class _FusedOnly:
-    """A synchronized adapter of the fused shape only: forward and backward in one call."""
-
-    def __init__(self, backward: bool = True) -> None:
-        self.core = builtin.make("numpy")
-        self.name = "fused-only core"
-        self.capabilities = replace(self.core.capabilities, backward=backward)
-        self.calls: list[bool] = []
-
-    def from_numpy(self, a: np.ndarray) -> Any:
-        return self.core.from_numpy(a)
-
-    def to_numpy(self, a: Any) -> np.ndarray:
-        return self.core.to_numpy(a)
-
-    def init_state(self, setup: Setup) -> Any:
-        return self.core.init_state(setup)
-
-    def load_state(self, state: Any, values: Mapping[str, np.ndarray]) -> Any:
-        return self.core.load_state(state, values)
-
-    def state_to_numpy(self, state: Any) -> dict[str, np.ndarray]:
-        return self.core.state_to_numpy(state)
-
-    def train_step(self, step: Step, state: Any, x: Any, g: Any, b: Any) -> Any:
-        return self.core.train_step(step, state, x, g, b)
-
-    def eval_step(self, step: Step, state: Any, x: Any, g: Any, b: Any) -> Any:
-        return self.core.eval_step(step, state, x, g, b)
-
-    def backward(self, ctx: Any, dy: Any) -> Any:
-        return self.core.backward(ctx, dy)
-
-    def sync_step(
-        self, step: Step, state: Any, shards: Sequence[Any], g: Any, b: Any, dys: Any
-    ) -> tuple[list[Any], Any, list[Any] | None, Any, Any]:
-        self.calls.append(dys is not None)
-        ys, new_state, ctx = self.core.sync_train_step(step, state, shards, g, b)
-        if dys is None:
-            return ys, new_state, None, None, None
-        dxs, dg, db = self.core.sync_backward(ctx, dys)
-        return ys, new_state, dxs, dg, db
-
-
 @pytest.mark.parametrize("backward", [True, False])
 def test_fused_sync_adapter_runs_every_sync_case(cases: list[Any], backward: bool) -> None:
-    adapter = _FusedOnly(backward)
+    adapter = FusedCore(backward=backward)
     assert isinstance(adapter, FusedSyncAdapter) and not isinstance(adapter, SyncAdapter)
     sync = [c for c in cases if c.num_shards is not None]
     results = run(adapter, sync)
@@ -302,7 +258,7 @@ def test_fused_sync_adapter_runs_every_sync_case(cases: list[Any], backward: boo
 
 
 def test_fused_sync_wrong_shard_count_is_an_error(cases: list[Any]) -> None:
-    class Short(_FusedOnly):
+    class Short(FusedCore):
         def sync_step(self, *args: Any) -> Any:
             ys, state, dxs, dg, db = super().sync_step(*args)
             return ys[:-1], state, dxs, dg, db
