@@ -245,3 +245,21 @@ def test_bn_dx_sums_to_zero_per_channel_mbn_does_not():
         dx, _, _ = mr.mbn_backward(w, ctx)
         # history carries part of the normalization: dx no longer sums to zero
         assert np.min(np.abs(dx.sum(axes))) > 1e-3 * np.max(np.abs(dx))
+
+
+@pytest.mark.parametrize("eps", [1e-3, 0.5])
+def test_bn_dx_inner_product_with_xhat_is_the_eps_term(eps):
+    """docs/derivations/backward.md: for BN, ``sum(dx * xhat) = r * eps/(var_B + eps) *
+    sum(g * xhat)`` per channel (zero only for eps = 0), with ``g = gamma*dy``."""
+    x, w, gamma, beta, _, _ = _case((4, 3, 3, 3), 1, seed=6)
+    axes = reduce_axes(4, 1)
+    cs = channel_shape(4, 1)
+    _, _, ctx = mr.bn_forward(x, mr.init_bn_state(3), gamma, beta, eps=eps)
+    dx, _, _ = mr.backward(w, ctx)
+    var = x.var(axes)
+    r = 1 / np.sqrt(var + eps)
+    xhat = (x - x.mean(axes).reshape(cs)) * r.reshape(cs)
+    g = gamma.reshape(cs) * w
+    expected = r * eps / (var + eps) * (g * xhat).sum(axes)
+    np.testing.assert_allclose((dx * xhat).sum(axes), expected, rtol=1e-10, atol=1e-13)
+    assert np.min(np.abs(expected)) > 1e-6  # not the trivial zero
