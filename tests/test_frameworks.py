@@ -620,3 +620,39 @@ def test_committed_torch_and_onnx_reports_hold_current_declarations() -> None:
 
 if __name__ == "__main__":  # a driver subprocess: python tests/test_frameworks.py keras|flax
     sys.stdout.write(json.dumps(DRIVERS[sys.argv[1]][0]()) + "\n")
+
+
+_KERAS_TRACED_MOMENTUM = """
+import json, os
+os.environ["KERAS_BACKEND"] = "tensorflow"
+import numpy as np, tensorflow as tf, keras
+x = tf.constant(np.random.default_rng(0).normal(3.0, 1.0, size=(8, 3)), tf.float32)
+layer = keras.layers.BatchNormalization(momentum=0.9)
+step = tf.function(lambda x: layer(x, training=True))
+step(x)
+layer.momentum = 0.0  # what an eager callback does between epochs
+before = layer.moving_mean.numpy().copy()
+step(x)
+print(json.dumps({"before": before.tolist(), "after": layer.moving_mean.numpy().tolist(),
+                  "batch": x.numpy().mean(0).tolist()}))
+"""
+
+
+def test_keras_bakes_momentum_into_a_traced_step() -> None:
+    """Keras' ``momentum`` is a Python float read at trace time: setting it on the layer after a
+    ``tf.function`` traced the step changes nothing (docs/frameworks.md; the reason the Keras
+    adapter keeps its decays in variables)."""
+    if importlib.util.find_spec("tensorflow") is None:
+        pytest.skip("tensorflow is not installed")
+    out = subprocess.run(
+        [sys.executable, "-c", _KERAS_TRACED_MOMENTUM],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=True,
+    )
+    data = json.loads(out.stdout.strip().splitlines()[-1])
+    before, after, batch = (np.asarray(data[k]) for k in ("before", "after", "batch"))
+    frozen = 0.9 * before + 0.1 * batch  # the traced 0.9, not the new 0.0
+    np.testing.assert_allclose(after, frozen, rtol=1e-5)
+    assert np.max(np.abs(after - batch)) > 0.1  # momentum 0.0 would have copied the batch mean
