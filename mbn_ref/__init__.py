@@ -21,7 +21,13 @@ def __getattr__(name: str) -> Any:
 
 
 from ._normalization import backward  # noqa: E402
-from .bn import BNState, bn_backward, bn_forward, init_bn_state  # noqa: E402
+from .bn import (  # noqa: E402
+    BNState,
+    bn_backward,
+    bn_forward,
+    init_bn_state,
+    update_running_statistics,
+)
 from .context import ContextStatic, NormContext  # noqa: E402
 from .errors import NonFiniteError  # noqa: E402
 from .mbn import MBNState, init_state, mbn_backward, mbn_forward  # noqa: E402
@@ -45,4 +51,5 @@ __all__ = [
     "noise",
     "noise_sim",
     "schedules",
+    "update_running_statistics",
 ]

@@ -19,7 +19,14 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from . import _kernels
-from ._array import AllSum, Array, Namespace, default_float_dtype, resolve_namespace
+from ._array import (
+    AllSum,
+    Array,
+    Namespace,
+    default_float_dtype,
+    namespace,
+    resolve_namespace,
+)
 from ._normalization import (
     backward,
     check_counter,
@@ -35,7 +42,13 @@ from ._validate import check_decay_arg
 from .context import NormContext
 from .conventions import Estimator, validate_estimator
 
-__all__ = ["BNState", "bn_backward", "bn_forward", "init_bn_state"]
+__all__ = [
+    "BNState",
+    "bn_backward",
+    "bn_forward",
+    "init_bn_state",
+    "update_running_statistics",
+]
 
 
 class BNState(NamedTuple):
@@ -211,3 +224,79 @@ def bn_forward(
 
 bn_backward = backward
 """Alias of :func:`mbn_ref.backward` (one backward serves BN and MBN)."""
+
+
+def update_running_statistics(
+    state: BNState,
+    batch_mean: Array,
+    batch_var: Array,
+    count: int,
+    *,
+    decay: Any = 0.9,
+    estimator: Estimator = "biased",
+    xp: Namespace | None = None,
+) -> BNState:
+    """The running statistics after one training batch whose moments are already known.
+
+    For adapters that compute the batch moments with a framework's fused kernel and keep
+    only the state update here: the same update as :func:`bn_forward`'s (docs/spec.md §2)::
+
+        running_mean <- d*running_mean + (1-d)*batch_mean
+        running_var  <- d*running_var  + (1-d)*batch_var'
+
+    with ``batch_var'`` the biased ``batch_var`` under ``estimator`` (``* m/(m-1)`` when
+    unbiased) and ``d = n/(n+1)`` at the ``(n+1)``-th update for ``decay=None``.
+
+    Parameters
+    ----------
+    state : BNState
+        The running statistics before the batch.
+    batch_mean, batch_var : array
+        The batch's per-channel mean and **biased** variance.
+    count : int
+        Values per channel in the batch (``>= 1``; ``>= 2`` under ``estimator="unbiased"``).
+    decay : float, 0-d array or None, optional
+        Weight on history (a 0-d array is runtime state, never read on the host); ``None``
+        is the cumulative average.
+    estimator : {"biased", "unbiased"}, optional
+        The batch variance that enters ``running_var``.
+    xp : namespace, optional
+        The Array API namespace; by default found with array-api-compat.
+
+    Returns
+    -------
+    BNState
+        The new running statistics, ``num_batches_tracked`` incremented.
+
+    Raises
+    ------
+    ValueError
+        A bad decay, estimator, counter or count.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> s = update_running_statistics(
+    ...     init_bn_state(1), np.array([2.0]), np.array([1.0]), 2, decay=0.5,
+    ...     estimator="unbiased")
+    >>> float(s.running_mean[0]), float(s.running_var[0]), int(s.num_batches_tracked)
+    (1.0, 1.5, 1)
+    """
+    check_decay_arg("decay", decay, allow_none=True)
+    validate_estimator(estimator)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"count must be an int >= 1, got {count!r}")
+    xp = resolve_namespace(xp) if xp is not None else namespace(batch_mean)
+    check_counter(xp, state.num_batches_tracked)
+    return BNState(
+        *update_running(
+            xp,
+            state.running_mean,
+            state.running_var,
+            state.num_batches_tracked,
+            batch_mean,
+            running_variance(xp, batch_var, count, estimator),
+            decay,
+            None,
+        )
+    )

@@ -19,7 +19,14 @@ from torch import nn  # noqa: E402
 from torch._dynamo.testing import CompileCounterWithBackend  # noqa: E402
 
 import mbn_torch  # noqa: E402
-from mbn_torch import MomentumBatchNorm1d, MomentumBatchNorm2d, MomentumBatchNorm3d  # noqa: E402
+from mbn_torch import (  # noqa: E402
+    DynamicBatchNorm1d,
+    DynamicBatchNorm2d,
+    DynamicBatchNorm3d,
+    MomentumBatchNorm1d,
+    MomentumBatchNorm2d,
+    MomentumBatchNorm3d,
+)
 
 SHAPE = (4, 3, 5, 6)
 
@@ -297,21 +304,28 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-def _compiled_trajectory(backend, dtype, tol):
+def _compiled_trajectory(backend, dtype, tol, *, dynamic=False):
     """Five training steps and one evaluation, eager twin vs compiled module, with ``lam``
-    and the momentum changed before every step (``None`` once: the cumulative flag).
+    and the momentum changed before every step (``None`` once: the cumulative flag; ``lam``
+    0 once: the eager twin then runs the fused kernel, the compiled one the core).
 
     Returns the compiled frame counts after each call."""
-    eager = MomentumBatchNorm2d(3, dtype=dtype, lam=0.5, momentum=0.1)
+    cls = DynamicBatchNorm2d if dynamic else MomentumBatchNorm2d
+    eager = cls(3, dtype=dtype, momentum=0.1)
     _affine(eager, dtype)
     compiled_module = copy.deepcopy(eager)
     counter = CompileCounterWithBackend(backend)
     compiled = torch.compile(compiled_module, backend=counter, fullgraph=True)
     momenta = [0.1, 0.15, None, 0.2, 0.3]
+    lams = [0.5, 0.0, 0.7, 0.8, 0.9]
+    names = (
+        ["running_mean", "running_var", "num_batches_tracked"] if dynamic else mr.MBNState._fields
+    )
     counts = []
     for step, x in enumerate(_batches(dtype)):
         for m in (eager, compiled_module):
-            m.lam.fill_(0.5 + 0.1 * step)
+            if not dynamic:
+                m.lam.fill_(lams[step])
             m.momentum = momenta[step]
         xe, xc = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
         ye, yc = eager(xe), compiled(xc)
@@ -324,11 +338,15 @@ def _compiled_trajectory(backend, dtype, tol):
             g_c, g_e = getattr(compiled_module, p).grad, getattr(eager, p).grad
             torch.testing.assert_close(g_c, g_e, rtol=tol, atol=tol)
             getattr(compiled_module, p).grad = getattr(eager, p).grad = None
-        for k in mr.MBNState._fields:
+        for k in names:
             torch.testing.assert_close(
                 getattr(compiled_module, k), getattr(eager, k), rtol=tol, atol=tol
             )
         counts.append(counter.frame_count)
+    eager.eval()
+    compiled_module.eval()
+    x = _batches(dtype, n=1, seed=9)[0]
+    torch.testing.assert_close(compiled(x), eager(x), rtol=tol, atol=tol)
     return counts
 
 
@@ -338,6 +356,13 @@ def test_compile_fullgraph_lam_and_momentum_changes_do_not_recompile():
     assert counts[0] >= 1
     assert counts == [counts[0]] * len(counts), f"recompiled: {counts}"
     print(f"aot_eager graphs after each step: {counts}")
+
+
+@pytest.mark.usefixtures("_fresh_dynamo")
+def test_compile_dynamic_batchnorm_momentum_changes_do_not_recompile():
+    counts = _compiled_trajectory("aot_eager", torch.float64, 1e-12, dynamic=True)
+    assert counts[0] >= 1
+    assert counts == [counts[0]] * len(counts), f"recompiled: {counts}"
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="inductor on CPU needs a C compiler")
@@ -403,3 +428,299 @@ def test_docs_page_python_block_runs():
     assert blocks
     for block in blocks:
         exec(compile(block, "docs/torch.md", "exec"), {})
+
+
+# -- the fused path (torch.batch_norm) and BN with a dynamic momentum ------------------------
+
+
+class _CountBatchNorm(torch.overrides.TorchFunctionMode):
+    """Counts calls of ``torch.batch_norm`` (the fused kernel) under the mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.batch_norm:
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_lam0_runs_the_fused_kernel_lam_positive_the_core():
+    module = MomentumBatchNorm2d(3, lam=0.0)
+    x = torch.randn(SHAPE)
+    with _CountBatchNorm() as mode:
+        module(x)
+    assert mode.calls == 1
+    module.lam.fill_(0.5)  # a schedule's new value: the next call takes the core's path
+    with _CountBatchNorm() as mode:
+        module(x)
+    assert mode.calls == 0
+    module.eval()  # evaluation: the fused kernel whatever lam
+    with _CountBatchNorm() as mode:
+        module(x)
+    assert mode.calls == 1
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_fused_and_core_paths_give_the_core_trajectory(momentum):
+    """lam = 0 (fused kernel), 0.5 (core), 0 twice (fused): every number equals the core's."""
+    dtype = torch.float64
+    module = MomentumBatchNorm2d(3, momentum=momentum, dtype=dtype)
+    _affine(module, dtype)
+    gamma, beta = module.weight.detach().numpy().copy(), module.bias.detach().numpy().copy()
+    state = mr.init_state(3)
+    tau = None if momentum is None else 1 - momentum
+    for lam, x in zip([0.0, 0.5, 0.0, 0.0], _batches(dtype, n=4), strict=True):
+        module.lam.fill_(lam)
+        y_core, state, ctx = mr.mbn_forward(
+            x.numpy(), state, gamma, beta, lam=lam, tau=tau, estimator="unbiased"
+        )
+        dy = _dy(x.shape, dtype)
+        dx_core, dg_core, db_core = mr.backward(dy.numpy(), ctx)
+        xt = x.clone().requires_grad_(True)
+        module.zero_grad()
+        y = module(xt)
+        y.backward(dy)
+        pairs = [
+            (y.detach(), y_core),
+            (xt.grad, dx_core),
+            (module.weight.grad, dg_core),
+            (module.bias.grad, db_core),
+            *[(getattr(module, k), getattr(state, k)) for k in mr.MBNState._fields],
+        ]
+        for a, e in pairs:
+            np.testing.assert_allclose(a.detach().numpy(), e, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize(
+    ("cls", "ref_cls", "shape"),
+    [
+        (DynamicBatchNorm2d, nn.BatchNorm2d, SHAPE),
+        (DynamicBatchNorm1d, nn.BatchNorm1d, (6, 3)),
+        (DynamicBatchNorm1d, nn.BatchNorm1d, (4, 3, 5)),
+        (DynamicBatchNorm3d, nn.BatchNorm3d, (2, 3, 2, 3, 4)),
+    ],
+)
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_dynamic_batchnorm_reproduces_batchnorm(cls, ref_cls, shape, momentum, dtype, tol):
+    ours, ref = cls(3, momentum=momentum, dtype=dtype), ref_cls(3, momentum=momentum, dtype=dtype)
+    _affine(ours, dtype)
+    _affine(ref, dtype)
+    rng = np.random.default_rng(3)
+    batches = [torch.tensor(rng.normal(i, 2.0, size=shape), dtype=dtype) for i in range(5)]
+    for a_step, e_step in zip(
+        _train_steps(ours, batches, dtype), _train_steps(ref, batches, dtype), strict=True
+    ):
+        for a, e in zip(a_step, e_step, strict=True):
+            assert a.dtype == e.dtype
+            torch.testing.assert_close(a, e, rtol=tol, atol=tol)
+    ours.eval()
+    ref.eval()
+    torch.testing.assert_close(ours(batches[0]), ref(batches[0]), rtol=tol, atol=tol)
+
+
+def test_dynamic_batchnorm_momentum_is_runtime_state_against_the_core():
+    """A momentum changed every step (the cumulative average once) gives the core's state."""
+    module = DynamicBatchNorm2d(3, dtype=torch.float64)
+    state = mr.init_bn_state(3)
+    for momentum, x in zip([0.1, 0.5, None, 0.05], _batches(torch.float64, n=4), strict=True):
+        module.momentum = momentum
+        decay = None if momentum is None else 1 - momentum
+        y_core, state, _ = mr.bn_forward(x.numpy(), state, decay=decay, estimator="unbiased")
+        np.testing.assert_allclose(module(x).detach().numpy(), y_core, rtol=1e-12, atol=1e-12)
+        for k in mr.BNState._fields:
+            np.testing.assert_allclose(getattr(module, k).numpy(), getattr(state, k), rtol=1e-12)
+
+
+def test_dynamic_batchnorm_checkpoints():
+    ref = nn.BatchNorm2d(3)
+    ref(torch.randn(SHAPE) + 2)
+    ours = DynamicBatchNorm2d(3, momentum=None)
+    ours.load_state_dict(ref.state_dict(), strict=True)  # a BatchNorm2d checkpoint
+    assert ours.momentum is None  # the decays keep the module's own values
+    for k, v in ref.state_dict().items():
+        assert torch.equal(ours.state_dict()[k], v), k
+    again = DynamicBatchNorm2d(3)
+    again.load_state_dict(ours.state_dict(), strict=True)
+    assert again.momentum is None
+    assert sorted(ours.state_dict()) == sorted(
+        [*ref.state_dict(), "inference_decay", "cumulative_average"]
+    )
+
+
+def test_empty_batch_changes_nothing():
+    """PyTorch counts an empty batch (and its running statistics become NaN); ours do not."""
+    for module in (MomentumBatchNorm2d(3, lam=0.5), MomentumBatchNorm2d(3), DynamicBatchNorm2d(3)):
+        module(torch.randn(SHAPE))
+        before = {k: v.clone() for k, v in module.state_dict().items()}
+        y = module(torch.randn(0, 3, 5, 6))
+        assert y.shape == (0, 3, 5, 6)
+        for k, v in module.state_dict().items():
+            assert torch.equal(v, before[k]), k
+
+
+# -- bad input: PyTorch-style messages, nothing changed --------------------------------------
+
+
+def _assert_unchanged(module, before):
+    for k, v in module.state_dict().items():
+        assert torch.equal(v, before[k]) or (v.isnan() == before[k].isnan()).all(), k
+
+
+@pytest.mark.parametrize("cls", [MomentumBatchNorm2d, DynamicBatchNorm2d])
+@pytest.mark.parametrize(
+    ("make", "error", "message"),
+    [
+        (lambda m: m(torch.ones(SHAPE, dtype=torch.int64)), TypeError, "floating-point input"),
+        (lambda m: m(torch.randn(3)), ValueError, r"expected 4D input \(got 1D input\)"),
+        (lambda m: m(torch.randn(1, 3, 1, 1)), ValueError, "more than 1 value per channel"),
+        (lambda m: m(torch.randn(4, 2, 2, 2)), ValueError, "expected input with 3 channels"),
+    ],
+)
+def test_bad_input_messages(cls, make, error, message):
+    module = cls(3)
+    module(torch.randn(SHAPE))
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    with pytest.raises(error, match=message):
+        make(module)
+    _assert_unchanged(module, before)
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.5])
+def test_one_value_per_channel(lam):
+    """Training: refused whatever lam (the unbiased running_var needs two values; with lam = 0
+    the batch alone normalizes); evaluation: fine, as in PyTorch."""
+    module = MomentumBatchNorm1d(3, lam=lam)
+    with pytest.raises(ValueError, match=r"Expected more than 1 value per channel when training"):
+        module(torch.randn(1, 3))
+    assert int(module.num_batches_tracked) == 0
+    module.eval()
+    assert module(torch.randn(1, 3)).shape == (1, 3)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("lam", 1.5), ("lam", -0.1), ("lam", float("nan")), ("inference_decay", 2.0)],
+)
+def test_decay_set_out_of_range_is_refused_at_the_next_call(name, value):
+    module = MomentumBatchNorm2d(3, lam=0.5)
+    module(torch.randn(SHAPE))
+    getattr(module, name).fill_(value)  # bypasses every setter: the module checks it
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"{name} must be a decay .* in \[0, 1\]"):
+        module(torch.randn(SHAPE))
+    _assert_unchanged(module, before)
+    getattr(module, name).fill_(0.5)
+    module(torch.randn(SHAPE))  # fine again
+
+
+def test_host_decay_read_once_per_change(monkeypatch):
+    """The eager module reads its decays on the host only after they changed."""
+    from mbn_torch import modules
+
+    reads = []
+    original = modules._HostDecay.read
+
+    def spy(self, buffer, name):
+        before = self._version
+        value = original(self, buffer, name)
+        if self._version != before:
+            reads.append(name)
+        return value
+
+    monkeypatch.setattr(modules._HostDecay, "read", spy)
+    module = MomentumBatchNorm2d(3, lam=0.5)
+    for _ in range(3):
+        module(torch.randn(SHAPE))
+    assert sorted(reads) == ["inference_decay", "lam"]
+    module.lam.fill_(0.6)
+    module(torch.randn(SHAPE))
+    assert sorted(reads) == ["inference_decay", "lam", "lam"]
+
+
+def _nan_batch():
+    x = torch.randn(SHAPE)
+    x[0, 1, 0, 0] = float("nan")
+    return x
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.5])
+def test_nan_input_under_each_policy(lam):
+    # propagate (PyTorch's behaviour): the channel's statistics become NaN
+    module = MomentumBatchNorm2d(3, lam=lam)
+    module(_nan_batch())
+    assert module.running_mean[1].isnan() and not module.running_mean[0].isnan()
+    # skip_update: the output is NaN where the statistics are, the state is unchanged
+    module = MomentumBatchNorm2d(3, lam=lam, nonfinite="skip_update")
+    module(torch.randn(SHAPE))
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    module(_nan_batch())
+    _assert_unchanged(module, before)
+    # raise: a clear error, nothing changed
+    module = MomentumBatchNorm2d(3, lam=lam, nonfinite="raise")
+    module(torch.randn(SHAPE))
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    with pytest.raises(mr.NonFiniteError, match="NaN or Inf"):
+        module(_nan_batch())
+    _assert_unchanged(module, before)
+    with pytest.raises(ValueError, match="nonfinite must be one of"):
+        MomentumBatchNorm2d(3, nonfinite="ignore")
+
+
+def test_wrong_checkpoint_loads_nothing_of_the_module():
+    module = MomentumBatchNorm2d(3, lam=0.5)
+    module(torch.randn(SHAPE))
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    bad = MomentumBatchNorm2d(3, lam=0.2)
+    bad(torch.randn(SHAPE) + 5)
+    sd = bad.state_dict()
+    sd["running_var"] = torch.ones(4)  # a wrong shape among good keys
+    with pytest.raises(RuntimeError, match=r"size mismatch for running_var(.|\n)*nothing of it"):
+        module.load_state_dict(sd)
+    _assert_unchanged(module, before)
+    sd = bad.state_dict()
+    sd["moving_mean"] = 3.0  # not a tensor
+    with pytest.raises(RuntimeError, match="moving_mean: expected a tensor"):
+        module.load_state_dict(sd)
+    _assert_unchanged(module, before)
+
+
+# -- AMP ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("autocast_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "cls_lam", [(MomentumBatchNorm2d, 0.5), (MomentumBatchNorm2d, 0.0), (DynamicBatchNorm2d, None)]
+)
+def test_autocast(autocast_dtype, cls_lam):
+    """Autocast: the output in the autocast dtype, statistics in float32, the saved
+    activation in the input's dtype, values as float32 computes them from the same input."""
+    cls, lam = cls_lam
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    module = cls(4) if lam is None else cls(4, lam=lam)
+    twin = copy.deepcopy(module)
+    x = torch.randn(4, 3, 8, 8)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with (
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        torch.autocast("cpu", dtype=autocast_dtype),
+    ):
+        h = conv(x)
+        y = module(h)
+    assert h.dtype == y.dtype == autocast_dtype
+    assert all(getattr(module, k).dtype == torch.float32 for k in ("running_mean", "running_var"))
+    activations = [t for t in saved if t.shape == h.shape]
+    assert activations and all(t.dtype == autocast_dtype for t in activations)
+    want = twin(h.detach().float())
+    torch.testing.assert_close(y.float(), want, rtol=0, atol=0.05)
+    torch.testing.assert_close(module.running_var, twin.running_var, rtol=1e-5, atol=1e-6)
+    y.float().sum().backward()
+    assert conv.weight.grad is not None and torch.isfinite(conv.weight.grad).all()

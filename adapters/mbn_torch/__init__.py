@@ -9,9 +9,19 @@ torch.Size([2, 3, 4, 4])
 
 from ._function import batch_statistics_norm, momentum_batch_norm
 from .convert import convert_to_batchnorm, convert_to_mbn
-from .modules import MomentumBatchNorm1d, MomentumBatchNorm2d, MomentumBatchNorm3d
+from .modules import (
+    DynamicBatchNorm1d,
+    DynamicBatchNorm2d,
+    DynamicBatchNorm3d,
+    MomentumBatchNorm1d,
+    MomentumBatchNorm2d,
+    MomentumBatchNorm3d,
+)
 
 __all__ = [
+    "DynamicBatchNorm1d",
+    "DynamicBatchNorm2d",
+    "DynamicBatchNorm3d",
     "MomentumBatchNorm1d",
     "MomentumBatchNorm2d",
     "MomentumBatchNorm3d",

@@ -26,6 +26,7 @@ import array_api_compat.torch as txp
 import torch
 
 import mbn_ref as mr
+from mbn_ref.distributed import AllSum
 
 __all__ = ["batch_statistics_norm", "momentum_batch_norm", "snapshot"]
 
@@ -77,7 +78,7 @@ class _MBNFunction(torch.autograd.Function):
         *rest: Any,
     ) -> Any:
         state = mr.MBNState(*rest[:_N_STATE])
-        lam, tau, training, eps, estimator = rest[_N_STATE:]
+        lam, tau, training, eps, estimator, nonfinite, all_sum = rest[_N_STATE:]
         y, new_state, ctx = mr.mbn_forward(
             x,
             state,
@@ -88,6 +89,8 @@ class _MBNFunction(torch.autograd.Function):
             eps=eps,
             training=training,
             estimator=estimator,
+            nonfinite=nonfinite,
+            all_sum=all_sum,
             xp=txp,
         )
         arrays, static = ctx.split()
@@ -103,7 +106,7 @@ class _MBNFunction(torch.autograd.Function):
     def backward(ctx: Any, dy: torch.Tensor, *unused: Any) -> Any:
         core_ctx = mr.NormContext.join(ctx.saved_tensors, ctx.static)
         dx, dweight, dbias = mr.backward(dy, core_ctx, xp=txp)
-        return (dx, dweight, dbias) + (None,) * (_N_STATE + 5)
+        return (dx, dweight, dbias) + (None,) * (_N_STATE + 7)
 
 
 class _BatchStatisticsFunction(torch.autograd.Function):
@@ -143,6 +146,8 @@ def momentum_batch_norm(
     training: bool = True,
     eps: float = 1e-5,
     estimator: str = "unbiased",
+    nonfinite: str = "propagate",
+    all_sum: AllSum | None = None,
 ) -> tuple[torch.Tensor, mr.MBNState]:
     """MBN on tensors, differentiable in ``x``, ``weight`` and ``bias``.
 
@@ -163,6 +168,11 @@ def momentum_batch_norm(
         Added to the variance inside the square root.
     estimator : {"unbiased", "biased"}, optional
         The batch variance in ``running_var`` (PyTorch's: unbiased).
+    nonfinite : {"propagate", "skip_update", "raise"}, optional
+        The core's policy for a batch holding NaN or Inf (docs/spec.md §9).
+    all_sum : callable, optional
+        A collective summing a tensor over the process group: synchronized statistics
+        (:mod:`mbn_ref.distributed`); the backward sums its two C-vectors with it too.
 
     Returns
     -------
@@ -183,7 +193,7 @@ def momentum_batch_norm(
     ([-1.0, 1.0], [0.2, 0.0])
     """
     out = _MBNFunction.apply(  # type: ignore[no-untyped-call]
-        x, weight, bias, *state, lam, tau, training, eps, estimator
+        x, weight, bias, *state, lam, tau, training, eps, estimator, nonfinite, all_sum
     )
     return out[0], mr.MBNState(*(s.detach() for s in out[1 : 1 + _N_STATE]))
 

@@ -1,9 +1,13 @@
-"""``MomentumBatchNorm1d/2d/3d``: drop-in replacements of ``nn.BatchNorm1d/2d/3d``.
+"""Drop-in replacements of ``nn.BatchNorm1d/2d/3d`` whose decays are runtime state.
+
+- ``MomentumBatchNorm1d/2d/3d``: momentum batch normalization (MBN); ``lam = 0`` is BN.
+- ``DynamicBatchNorm1d/2d/3d``: plain BN whose ``momentum`` is runtime state, so a schedule
+  or a controller moves it without recompiling a compiled model.
 
 PyTorch's conventions: ``momentum`` is the update rate of the inference statistics
 (``None``: the cumulative average), ``running_var`` holds the unbiased batch variance. ``lam``
-is the paper's training decay (weight on history); ``lam = 0`` is BN. The decays are 0-d
-buffers (runtime state): filling them never recompiles a compiled model.
+is the paper's training decay (weight on history). The decays are 0-d buffers: filling them
+never recompiles a compiled model.
 
 >>> import torch
 >>> bn = MomentumBatchNorm2d(3, lam=0.5)
@@ -17,6 +21,7 @@ buffers (runtime state): filling them never recompiles a compiled model.
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import array_api_compat.torch as txp
@@ -26,27 +31,64 @@ from torch import nn
 import mbn_ref as mr
 from mbn_ref import conventions
 from mbn_ref.conventions import cumulative_decay
+from mbn_ref.distributed import AllSum
 
 from ._function import batch_statistics_norm, momentum_batch_norm, snapshot
 
-__all__ = ["MomentumBatchNorm1d", "MomentumBatchNorm2d", "MomentumBatchNorm3d"]
+__all__ = [
+    "DynamicBatchNorm1d",
+    "DynamicBatchNorm2d",
+    "DynamicBatchNorm3d",
+    "MomentumBatchNorm1d",
+    "MomentumBatchNorm2d",
+    "MomentumBatchNorm3d",
+]
 
-# the MBN buffers a BatchNorm*d checkpoint does not have (filled in by _load_from_state_dict)
-_MBN_ONLY = ("moving_mean", "moving_var", "lam", "inference_decay", "cumulative_average")
+_BATCHNORM_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
-class _MomentumBatchNorm(nn.Module):
-    """The shared implementation; see :class:`MomentumBatchNorm2d`."""
+class _HostDecay:
+    """A 0-d decay buffer's value on the host, read again only after the buffer changed.
+
+    Eager modules read their decays to validate them and to pick the fused kernel; a tensor's
+    version counter moves with every in-place write (``fill_``, ``copy_``, loading), so a
+    value that a schedule sets once per epoch costs one read (one device synchronization)
+    per epoch, not one per call.
+    """
+
+    __slots__ = ("_tensor", "_value", "_version")
+
+    def __init__(self) -> None:
+        self._tensor: torch.Tensor | None = None
+        self._version = -1
+        self._value = math.nan
+
+    def read(self, buffer: torch.Tensor, name: str) -> float:
+        version = buffer._version
+        if buffer is not self._tensor or version != self._version:
+            value = float(buffer)
+            if not 0.0 <= value <= 1.0:  # also NaN
+                raise ValueError(
+                    f"{name} must be a decay (weight on history) in [0, 1], got {value!r} "
+                    f"(set through the 0-d buffer '{name}')"
+                )
+            self._tensor, self._version, self._value = buffer, version, value
+        return self._value
+
+
+class _DecayNorm(nn.Module):
+    """What every module here shares: parameters, inference statistics and their decay.
+
+    ``_extra_keys`` are the state-dict keys a ``BatchNorm*d`` checkpoint lacks.
+    """
 
     _ndims: ClassVar[tuple[int, ...]] = ()
     _ndims_text: ClassVar[str] = ""
+    _extra_keys: ClassVar[tuple[str, ...]] = ("inference_decay", "cumulative_average")
 
     running_mean: torch.Tensor | None
     running_var: torch.Tensor | None
     num_batches_tracked: torch.Tensor | None
-    moving_mean: torch.Tensor | None
-    moving_var: torch.Tensor | None
-    lam: torch.Tensor
     inference_decay: torch.Tensor
     cumulative_average: torch.Tensor
 
@@ -59,13 +101,15 @@ class _MomentumBatchNorm(nn.Module):
         track_running_stats: bool = True,
         device: Any = None,
         dtype: Any = None,
-        *,
-        lam: float = 0.0,
     ) -> None:
         super().__init__()
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+        if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+            raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
         dtype = torch.get_default_dtype() if dtype is None else dtype
         self.num_features = num_features
-        self.eps = eps
+        self.eps = float(eps)
         self.affine = affine
         self.track_running_stats = track_running_stats
         if affine:
@@ -76,15 +120,11 @@ class _MomentumBatchNorm(nn.Module):
             self.register_parameter("bias", None)
         state = mr.init_state(num_features, xp=txp, dtype=dtype, device=device)
         for name in ("running_mean", "running_var", "num_batches_tracked"):
-            value = getattr(state, name) if track_running_stats else None
-            self.register_buffer(name, value)
-        for name in ("moving_mean", "moving_var"):
             self.register_buffer(name, getattr(state, name) if track_running_stats else None)
-        decay = conventions.validate_decay(lam, "lam")
         # decays in float64 whatever the module's dtype: hyper-parameters, exact as given
-        self.register_buffer("lam", torch.tensor(decay, device=device, dtype=torch.float64))
         self.register_buffer("inference_decay", torch.zeros((), device=device, dtype=torch.float64))
         self.register_buffer("cumulative_average", torch.zeros((), device=device, dtype=torch.bool))
+        self._host_tau = _HostDecay()
         self.momentum = momentum
 
     @property
@@ -112,8 +152,8 @@ class _MomentumBatchNorm(nn.Module):
             return
         fresh = mr.init_state(self.num_features, xp=txp)
         with torch.no_grad():
-            for buffer, value in zip(self._state(), fresh, strict=True):
-                buffer.copy_(value)
+            for name in self._state_names():
+                getattr(self, name).copy_(getattr(fresh, name))
 
     def reset_parameters(self) -> None:
         """Fresh statistics, ``weight`` ones and ``bias`` zeros (as ``nn.BatchNorm*d``)."""
@@ -123,23 +163,29 @@ class _MomentumBatchNorm(nn.Module):
             nn.init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
-        """``num_features``, ``eps``, ``momentum``, ``lam`` and the flags, as PyTorch's."""
+        """``num_features``, ``eps``, ``momentum`` and the flags, as PyTorch's."""
         return (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-            f"lam={float(self.lam)}, affine={self.affine}, "
-            f"track_running_stats={self.track_running_stats}"
+            f"affine={self.affine}, track_running_stats={self.track_running_stats}"
         )
 
-    def _state(self) -> mr.MBNState:
-        return mr.MBNState(
-            self.moving_mean,
-            self.moving_var,
-            self.running_mean,
-            self.running_var,
-            self.num_batches_tracked,
+    def _state_names(self) -> tuple[str, ...]:
+        return ("running_mean", "running_var", "num_batches_tracked")
+
+    def _tau(self) -> torch.Tensor:
+        """The decay of this training step's inference-statistics update (0-d tensor)."""
+        n = self.num_batches_tracked
+        assert n is not None
+        if not torch.compiler.is_compiling():
+            self._host_tau.read(self.inference_decay, "inference_decay")
+        return torch.where(
+            self.cumulative_average,
+            cumulative_decay(n, self.inference_decay.dtype, xp=txp),
+            self.inference_decay,
         )
 
-    def _check_input(self, x: torch.Tensor) -> None:
+    def _check_input(self, x: torch.Tensor, *, synchronized: bool = False) -> None:
+        """PyTorch's checks and messages; nothing has changed when one raises."""
         if x.dim() not in self._ndims:
             raise ValueError(f"expected {self._ndims_text} input (got {x.dim()}D input)")
         if x.shape[1] != self.num_features:
@@ -147,6 +193,205 @@ class _MomentumBatchNorm(nn.Module):
                 f"expected input with {self.num_features} channels (num_features) on dim 1, "
                 f"got input of shape {tuple(x.shape)} with {x.shape[1]} channels"
             )
+        if not x.is_floating_point():
+            raise TypeError(
+                f"expected a floating-point input (float16, bfloat16, float32, float64), "
+                f"got {x.dtype}; convert it first, e.g. x.float()"
+            )
+        if self.training and not synchronized and x.numel() == self.num_features:
+            # the unbiased running_var needs two values per channel (and lam = 0: BN)
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input size {x.size()}"
+            )
+
+    def _native(self, x: torch.Tensor) -> torch.Tensor:
+        """``torch.batch_norm`` with this module's statistics: the fused kernel.
+
+        Evaluation normalizes with the inference statistics (the same formula as the core's).
+        Training normalizes with the batch's statistics (BN; MBN with ``lam = 0``): the
+        kernel writes the batch mean and unbiased variance into two scratch vectors (update
+        rate 1, so each holds exactly the batch's value), and the update of the running
+        statistics with the runtime decay is the core's
+        :func:`mbn_ref.update_running_statistics`.
+        """
+        if not self.training:
+            return torch.batch_norm(
+                x, self.weight, self.bias, self.running_mean, self.running_var,
+                False, 0.0, self.eps, torch.backends.cudnn.enabled,
+            )  # fmt: skip
+        assert self.running_mean is not None and self.num_batches_tracked is not None
+        tau = self._tau()
+        stats = torch.zeros((2, self.num_features), dtype=self.running_mean.dtype, device=x.device)
+        batch_mean, batch_var = stats[0], stats[1]
+        y = torch.batch_norm(
+            x, self.weight, self.bias, batch_mean, batch_var,
+            True, 1.0, self.eps, torch.backends.cudnn.enabled,
+        )  # fmt: skip
+        m = x.numel() // self.num_features
+        biased = conventions.biased_from_unbiased(batch_var, m)
+        state = mr.BNState(self.running_mean, self.running_var, self.num_batches_tracked)
+        new = mr.update_running_statistics(
+            state, batch_mean, biased, m, decay=tau, estimator="unbiased", xp=txp
+        )
+        with torch.no_grad():
+            for buffer, value in zip(state, new, strict=True):
+                buffer.copy_(value)
+        self._after_native(batch_mean, biased)
+        return y
+
+    def _after_native(self, batch_mean: torch.Tensor, batch_var: torch.Tensor) -> None:
+        """Further state a training step of the fused path updates (MBN: the moving ones)."""
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # A BatchNorm*d checkpoint (none of the extra keys): its keys load as they are; the
+        # extra state comes from _batchnorm_fallback.
+        if all(prefix + k not in state_dict for k in self._extra_keys):
+            for name, value in self._batchnorm_fallback(state_dict, prefix).items():
+                state_dict[prefix + name] = value
+        # all or nothing: a wrong shape or a non-tensor of this module loads none of its keys
+        own = dict(self.named_parameters(recurse=False)) | dict(self.named_buffers(recurse=False))
+        problems = []
+        for name, current in own.items():
+            key = prefix + name
+            if key not in state_dict:
+                continue
+            value = state_dict[key]
+            if not isinstance(value, torch.Tensor):
+                problems.append(f"{key}: expected a tensor, got {type(value).__name__}")
+            elif value.shape != current.shape:
+                problems.append(
+                    f"size mismatch for {key}: copying a param with shape {value.shape} from "
+                    f"checkpoint, the shape in current model is {current.shape}"
+                )
+        if problems:
+            error_msgs.extend(problems)
+            error_msgs.append(
+                f"{type(self).__name__} at '{prefix or '(root)'}': nothing of it was loaded"
+            )
+            missing_keys.extend(prefix + n for n in own if prefix + n not in state_dict)
+            return
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def _batchnorm_fallback(self, state_dict: dict[str, Any], prefix: str) -> dict[str, Any]:
+        """The extra keys' values under a ``BatchNorm*d`` checkpoint: the module's decays."""
+        return {
+            k: getattr(self, k).detach().clone() for k in ("inference_decay", "cumulative_average")
+        }
+
+
+class _DynamicBatchNorm(_DecayNorm):
+    """The shared implementation; see :class:`DynamicBatchNorm2d`."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        """Normalize ``input``; in training, update the running statistics in place.
+
+        Parameters
+        ----------
+        input : torch.Tensor
+            ``(N, C, ...)`` with ``C = num_features``.
+
+        Returns
+        -------
+        torch.Tensor
+            The output, in ``input``'s dtype.
+        """
+        self._check_input(input)
+        if not self.track_running_stats:
+            return torch.batch_norm(
+                input, self.weight, self.bias, None, None,
+                True, 0.0, self.eps, torch.backends.cudnn.enabled,
+            )  # fmt: skip
+        if self.training and input.numel() == 0:
+            return input.clone()  # an empty batch changes nothing (docs/spec.md §9)
+        return self._native(input)
+
+
+class _MomentumBatchNorm(_DecayNorm):
+    """The shared implementation; see :class:`MomentumBatchNorm2d`."""
+
+    _extra_keys = ("moving_mean", "moving_var", "lam", "inference_decay", "cumulative_average")
+
+    moving_mean: torch.Tensor | None
+    moving_var: torch.Tensor | None
+    lam: torch.Tensor
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        lam: float = 0.0,
+        nonfinite: str = "propagate",
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        dtype = torch.get_default_dtype() if dtype is None else dtype
+        state = mr.init_state(num_features, xp=txp, dtype=dtype, device=device)
+        for name in ("moving_mean", "moving_var"):
+            self.register_buffer(name, getattr(state, name) if track_running_stats else None)
+        decay = conventions.validate_decay(lam, "lam")
+        self.register_buffer("lam", torch.tensor(decay, device=device, dtype=torch.float64))
+        self._host_lam = _HostDecay()
+        if nonfinite not in ("propagate", "skip_update", "raise"):
+            raise ValueError(
+                f"nonfinite must be one of ('propagate', 'skip_update', 'raise'), got {nonfinite!r}"
+            )
+        self.nonfinite = nonfinite
+
+    def extra_repr(self) -> str:
+        """``num_features``, ``eps``, ``momentum``, ``lam`` and the flags, as PyTorch's."""
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+            f"lam={float(self.lam)}, affine={self.affine}, "
+            f"track_running_stats={self.track_running_stats}"
+            + ("" if self.nonfinite == "propagate" else f", nonfinite={self.nonfinite!r}")
+        )
+
+    def _state_names(self) -> tuple[str, ...]:
+        return mr.MBNState._fields
+
+    def _state(self) -> mr.MBNState:
+        return mr.MBNState(*(getattr(self, name) for name in mr.MBNState._fields))
+
+    def _all_sum(self) -> AllSum | None:
+        """The collective of synchronized statistics; ``None``: this device's batch alone."""
+        return None
+
+    def _after_native(self, batch_mean: torch.Tensor, batch_var: torch.Tensor) -> None:
+        # lam = 0: the moving statistics are the batch's (Eq. 8 with lam = 0)
+        assert self.moving_mean is not None and self.moving_var is not None
+        with torch.no_grad():
+            self.moving_mean.copy_(batch_mean)
+            self.moving_var.copy_(batch_var)
+
+    def _fused(self, x: torch.Tensor, all_sum: AllSum | None) -> bool:
+        """Whether this call may run PyTorch's fused kernel: the same numbers as the core's.
+
+        Evaluation always may; training when ``lam`` is 0 on an ordinary batch: eager mode
+        (a compiled graph cannot branch on the runtime ``lam``), no collective, the
+        ``propagate`` policy, a non-empty batch.
+        """
+        if not self.training:
+            return self.nonfinite != "raise"
+        if torch.compiler.is_compiling():
+            return False
+        lam = self._host_lam.read(self.lam, "lam")  # validated, read once per change
+        return lam == 0.0 and all_sum is None and self.nonfinite == "propagate" and x.numel() > 0
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """Normalize ``input``; in training, update the statistics in place.
@@ -161,19 +406,14 @@ class _MomentumBatchNorm(nn.Module):
         torch.Tensor
             The output, in ``input``'s dtype.
         """
-        self._check_input(input)
+        all_sum = self._all_sum() if self.training else None
+        self._check_input(input, synchronized=all_sum is not None)
         if not self.track_running_stats:
             return batch_statistics_norm(input, self.weight, self.bias, eps=self.eps)
+        if self._fused(input, all_sum):
+            return self._native(input)
         state = self._state()
-        if self.training:
-            n = state.num_batches_tracked
-            tau = torch.where(
-                self.cumulative_average,
-                cumulative_decay(n, self.inference_decay.dtype, xp=txp),
-                self.inference_decay,
-            )
-        else:
-            tau = self.inference_decay
+        tau = self._tau() if self.training else self.inference_decay
         state_in = state
         if self.training and torch.compiler.is_compiling():
             # the statistics the backward needs must not be recomputed from the buffers
@@ -191,6 +431,8 @@ class _MomentumBatchNorm(nn.Module):
             training=self.training,
             eps=self.eps,
             estimator="unbiased",
+            nonfinite=self.nonfinite,
+            all_sum=all_sum,
         )
         if self.training:
             with torch.no_grad():
@@ -198,34 +440,15 @@ class _MomentumBatchNorm(nn.Module):
                     buffer.copy_(value)
         return y
 
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        # A BatchNorm*d checkpoint: the training statistics start from the loaded inference
-        # statistics, the decays keep this module's values.
-        if all(prefix + k not in state_dict for k in _MBN_ONLY):
-            fallback = {
-                "moving_mean": prefix + "running_mean",
-                "moving_var": prefix + "running_var",
-            }
-            for name in _MBN_ONLY:
-                source = fallback.get(name)
-                if getattr(self, name) is None:
-                    continue
-                if source is None:
-                    state_dict[prefix + name] = getattr(self, name).detach().clone()
-                elif source in state_dict:
-                    state_dict[prefix + name] = state_dict[source]
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
+    def _batchnorm_fallback(self, state_dict: dict[str, Any], prefix: str) -> dict[str, Any]:
+        """The module's decays; training statistics from the checkpoint's running ones."""
+        values = super()._batchnorm_fallback(state_dict, prefix)
+        values["lam"] = self.lam.detach().clone()
+        if self.moving_mean is not None:
+            for name, source in (("moving_mean", "running_mean"), ("moving_var", "running_var")):
+                if prefix + source in state_dict:
+                    values[name] = state_dict[prefix + source]
+        return values
 
 
 class MomentumBatchNorm1d(_MomentumBatchNorm):
@@ -268,6 +491,10 @@ class MomentumBatchNorm2d(_MomentumBatchNorm):
     lam : float, optional
         The paper's training decay (weight on history) in ``[0, 1]``, held as the 0-d buffer
         ``lam``; 0 is BN.
+    nonfinite : {"propagate", "skip_update", "raise"}, optional
+        A training batch holding NaN or Inf: propagates into the statistics (PyTorch's
+        behaviour), leaves the state unchanged, or raises before anything changes
+        (docs/spec.md §9).
 
     Notes
     -----
@@ -305,6 +532,85 @@ class MomentumBatchNorm3d(_MomentumBatchNorm):
     --------
     >>> import torch
     >>> MomentumBatchNorm3d(2)(torch.randn(2, 2, 3, 3, 3)).shape
+    torch.Size([2, 2, 3, 3, 3])
+    """
+
+    _ndims = (5,)
+    _ndims_text = "5D"
+
+
+class DynamicBatchNorm1d(_DynamicBatchNorm):
+    """Batch normalization over ``(N, C)`` or ``(N, C, L)`` input with a runtime momentum.
+
+    The same parameters, buffers and behaviour as :class:`DynamicBatchNorm2d`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> DynamicBatchNorm1d(3)(torch.randn(8, 3)).shape
+    torch.Size([8, 3])
+    """
+
+    _ndims = (2, 3)
+    _ndims_text = "2D or 3D"
+
+
+class DynamicBatchNorm2d(_DynamicBatchNorm):
+    """``nn.BatchNorm2d`` whose ``momentum`` is runtime state: a schedule never recompiles.
+
+    The same computation as ``nn.BatchNorm2d`` on PyTorch's fused kernel; the update of the
+    running statistics takes its decay from the 0-d buffers ``inference_decay`` (``1 -
+    momentum``) and ``cumulative_average`` (``momentum=None``), so setting ``momentum`` or
+    filling the buffers between steps (:class:`mbn_torch.MomentumScheduler` does) reuses a
+    compiled graph.
+
+    Parameters
+    ----------
+    num_features : int
+        The number of channels C.
+    eps : float, optional
+        Added to the variance inside the square root.
+    momentum : float or None, optional
+        PyTorch's ``momentum``: the update rate of ``running_mean``/``running_var``; ``None``
+        for the cumulative average.
+    affine : bool, optional
+        Learnable per-channel ``weight`` and ``bias``.
+    track_running_stats : bool, optional
+        Keep running statistics; ``False`` normalizes with the batch's statistics always.
+    device, dtype : optional
+        Where and in which dtype parameters and buffers are created.
+
+    Notes
+    -----
+    Buffers: ``running_mean``, ``running_var`` (unbiased), ``num_batches_tracked`` (as in
+    ``nn.BatchNorm2d``: its checkpoints load, strict), and the float64 ``inference_decay``
+    and bool ``cumulative_average``. An empty training batch changes nothing (PyTorch counts
+    it). See docs/torch.md.
+
+    Examples
+    --------
+    >>> import torch
+    >>> bn = DynamicBatchNorm2d(3)
+    >>> _ = bn(torch.randn(2, 3, 4, 4))
+    >>> bn.momentum = 0.5                  # runtime state: no recompilation
+    >>> _ = bn(torch.randn(2, 3, 4, 4))
+    >>> int(bn.num_batches_tracked), float(bn.inference_decay)
+    (2, 0.5)
+    """
+
+    _ndims = (4,)
+    _ndims_text = "4D"
+
+
+class DynamicBatchNorm3d(_DynamicBatchNorm):
+    """Batch normalization over ``(N, C, D, H, W)`` input with a runtime momentum.
+
+    The same parameters, buffers and behaviour as :class:`DynamicBatchNorm2d`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> DynamicBatchNorm3d(2)(torch.randn(2, 2, 3, 3, 3)).shape
     torch.Size([2, 2, 3, 3, 3])
     """
 
