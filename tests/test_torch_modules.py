@@ -434,14 +434,14 @@ def test_docs_page_python_block_runs():
 
 
 class _CountBatchNorm(torch.overrides.TorchFunctionMode):
-    """Counts calls of ``torch.batch_norm`` (the fused kernel) under the mode."""
+    """Counts calls of PyTorch's fused kernel (``torch.batch_norm``/``native_batch_norm``)."""
 
     def __init__(self):
         super().__init__()
         self.calls = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is torch.batch_norm:
+        if func in (torch.batch_norm, torch.native_batch_norm):
             self.calls += 1
         return func(*args, **(kwargs or {}))
 

@@ -63,6 +63,12 @@ class _HostDecay:
         self._version = -1
         self._value = math.nan
 
+    def flag(self, buffer: torch.Tensor) -> bool:
+        """A 0-d bool buffer's value."""
+        if buffer is not self._tensor or buffer._version != self._version:
+            self._tensor, self._version, self._value = buffer, buffer._version, float(buffer)
+        return bool(self._value)
+
     def read(self, buffer: torch.Tensor, name: str) -> float:
         version = buffer._version
         if buffer is not self._tensor or version != self._version:
@@ -125,6 +131,7 @@ class _DecayNorm(nn.Module):
         self.register_buffer("inference_decay", torch.zeros((), device=device, dtype=torch.float64))
         self.register_buffer("cumulative_average", torch.zeros((), device=device, dtype=torch.bool))
         self._host_tau = _HostDecay()
+        self._host_cumulative = _HostDecay()
         self.momentum = momentum
 
     @property
@@ -205,42 +212,66 @@ class _DecayNorm(nn.Module):
             )
 
     def _native(self, x: torch.Tensor) -> torch.Tensor:
-        """``torch.batch_norm`` with this module's statistics: the fused kernel.
+        """PyTorch's fused kernel with this module's statistics (the same numbers as the core's).
 
-        Evaluation normalizes with the inference statistics (the same formula as the core's).
-        Training normalizes with the batch's statistics (BN; MBN with ``lam = 0``): the
-        kernel writes the batch mean and unbiased variance into two scratch vectors (update
-        rate 1, so each holds exactly the batch's value), and the update of the running
-        statistics with the runtime decay is the core's
-        :func:`mbn_ref.update_running_statistics`.
+        Evaluation normalizes with the inference statistics. Training normalizes with the
+        batch's statistics (BN; MBN with ``lam = 0``):
+
+        - eager, with a fixed decay: the kernel also updates ``running_mean``/``running_var``
+          with the update rate ``1 - decay`` read on the host (once per change, see
+          :class:`_HostDecay`), as ``nn.BatchNorm2d`` does;
+        - compiled, or the cumulative average: the kernel writes the batch mean and unbiased
+          variance into two scratch vectors (update rate 1: each then holds exactly the
+          batch's value) and the core's :func:`mbn_ref.update_running_statistics` updates the
+          buffers with the decay tensor, never read on the host.
         """
         if not self.training:
             return torch.batch_norm(
                 x, self.weight, self.bias, self.running_mean, self.running_var,
                 False, 0.0, self.eps, torch.backends.cudnn.enabled,
             )  # fmt: skip
-        assert self.running_mean is not None and self.num_batches_tracked is not None
-        tau = self._tau()
+        assert self.running_mean is not None and self.running_var is not None
+        assert self.num_batches_tracked is not None
+        m = x.numel() // self.num_features
+        if not torch.compiler.is_compiling() and not self._host_cumulative.flag(
+            self.cumulative_average
+        ):
+            tau = self._host_tau.read(self.inference_decay, "inference_decay")
+            momentum = conventions.update_rate_from_decay(tau)
+            y, batch_mean, inv_std = torch.native_batch_norm(
+                x, self.weight, self.bias, self.running_mean, self.running_var,
+                True, momentum, self.eps,
+            )  # fmt: skip
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                self._after_native(batch_mean, inv_std, None)
+            return y
+        tau_t = self._tau()
         stats = torch.zeros((2, self.num_features), dtype=self.running_mean.dtype, device=x.device)
         batch_mean, batch_var = stats[0], stats[1]
         y = torch.batch_norm(
             x, self.weight, self.bias, batch_mean, batch_var,
             True, 1.0, self.eps, torch.backends.cudnn.enabled,
         )  # fmt: skip
-        m = x.numel() // self.num_features
         biased = conventions.biased_from_unbiased(batch_var, m)
         state = mr.BNState(self.running_mean, self.running_var, self.num_batches_tracked)
         new = mr.update_running_statistics(
-            state, batch_mean, biased, m, decay=tau, estimator="unbiased", xp=txp
+            state, batch_mean, biased, m, decay=tau_t, estimator="unbiased", xp=txp
         )
         with torch.no_grad():
             for buffer, value in zip(state, new, strict=True):
                 buffer.copy_(value)
-        self._after_native(batch_mean, biased)
+            self._after_native(batch_mean, None, biased)
         return y
 
-    def _after_native(self, batch_mean: torch.Tensor, batch_var: torch.Tensor) -> None:
-        """Further state a training step of the fused path updates (MBN: the moving ones)."""
+    def _after_native(
+        self, batch_mean: torch.Tensor, inv_std: torch.Tensor | None, var: torch.Tensor | None
+    ) -> None:
+        """Further state a fused training step updates (MBN: the moving statistics).
+
+        The batch's biased variance is ``var``, or ``1/inv_std**2 - eps`` from the kernel's
+        saved inverse standard deviation.
+        """
 
     def _load_from_state_dict(
         self,
@@ -372,12 +403,19 @@ class _MomentumBatchNorm(_DecayNorm):
         """The collective of synchronized statistics; ``None``: this device's batch alone."""
         return None
 
-    def _after_native(self, batch_mean: torch.Tensor, batch_var: torch.Tensor) -> None:
+    def _after_native(
+        self, batch_mean: torch.Tensor, inv_std: torch.Tensor | None, var: torch.Tensor | None
+    ) -> None:
         # lam = 0: the moving statistics are the batch's (Eq. 8 with lam = 0)
         assert self.moving_mean is not None and self.moving_var is not None
-        with torch.no_grad():
-            self.moving_mean.copy_(batch_mean)
-            self.moving_var.copy_(batch_var)
+        self.moving_mean.copy_(batch_mean)
+        if var is None:
+            assert inv_std is not None
+            # var + eps = 1/inv_std**2: exact to a few ulps of var + eps
+            torch.pow(inv_std, -2, out=self.moving_var)
+            self.moving_var.sub_(self.eps)
+        else:
+            self.moving_var.copy_(var)
 
     def _fused(self, x: torch.Tensor, all_sum: AllSum | None) -> bool:
         """Whether this call may run PyTorch's fused kernel: the same numbers as the core's.
