@@ -91,6 +91,7 @@ class _DecayNorm(nn.Module):
     _ndims: ClassVar[tuple[int, ...]] = ()
     _ndims_text: ClassVar[str] = ""
     _extra_keys: ClassVar[tuple[str, ...]] = ("inference_decay", "cumulative_average")
+    _keeps_moving_statistics: ClassVar[bool] = False
 
     running_mean: torch.Tensor | None
     running_var: torch.Tensor | None
@@ -238,6 +239,14 @@ class _DecayNorm(nn.Module):
         ):
             tau = self._host_tau.read(self.inference_decay, "inference_decay")
             momentum = conventions.update_rate_from_decay(tau)
+            if not self._keeps_moving_statistics:  # BN: nn.BatchNorm2d's very call
+                y = torch.batch_norm(
+                    x, self.weight, self.bias, self.running_mean, self.running_var,
+                    True, momentum, self.eps, torch.backends.cudnn.enabled,
+                )  # fmt: skip
+                with torch.no_grad():
+                    self.num_batches_tracked.add_(1)
+                return y
             y, batch_mean, inv_std = torch.native_batch_norm(
                 x, self.weight, self.bias, self.running_mean, self.running_var,
                 True, momentum, self.eps,
@@ -352,6 +361,7 @@ class _MomentumBatchNorm(_DecayNorm):
     """The shared implementation; see :class:`MomentumBatchNorm2d`."""
 
     _extra_keys = ("moving_mean", "moving_var", "lam", "inference_decay", "cumulative_average")
+    _keeps_moving_statistics = True
 
     moving_mean: torch.Tensor | None
     moving_var: torch.Tensor | None
