@@ -403,3 +403,198 @@ def test_moment_corrections_are_unbiased() -> None:
         for est, true in ((np.array(s2_est), true_s2), (np.array(g2_est), true_g2)):
             se = est.std() / np.sqrt(est.size)
             assert abs(est.mean() - true) < 5 * se, (steps, est.mean(), true, se)
+
+
+# ------------------------------------------------------------------------------------------
+# GradientNoiseController on any Array API namespace, on the gradient's device
+# ------------------------------------------------------------------------------------------
+
+
+def _noise_grads(n: int = 40, size: int = 30, seed: int = 7) -> list[Any]:
+    rng = np.random.default_rng(seed)
+    return [0.2 + np.linspace(-1, 1, size) + rng.standard_normal(size) for _ in range(n)]
+
+
+def _decays(ctl: GradientNoiseController, grads: Any) -> tuple[list[float], GradientNoiseState]:
+    s, out = ctl.init(), []
+    for g in grads:
+        s = ctl.update(s, g)
+        out.append(s.decay)
+    return out, s
+
+
+NOISE_CTL = GradientNoiseController(batch_size=4, alpha=0.1, warmup_steps=3)
+
+
+@pytest.mark.parametrize("pieces", [False, True], ids=["one-tensor", "per-parameter"])
+def test_torch_gradients_give_numpy_decays(pieces: bool) -> None:
+    torch = pytest.importorskip("torch")
+    grads = _noise_grads()
+    ref, s_np = _decays(NOISE_CTL, grads)
+
+    def as_torch(g: Any) -> Any:
+        t = torch.tensor(g, dtype=torch.float64)
+        return [t[:12].reshape(3, 4), t[12:20], t[20:].reshape(2, 5)] if pieces else t
+
+    got, s_t = _decays(NOISE_CTL, [as_torch(g) for g in grads])
+    assert len(set(ref[3:])) > 10  # the mapping is live after the warm-up, values vary
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-12)
+    # the moments are the same elementwise operations: bit-identical, and stay torch float64
+    assert isinstance(s_t.mean, torch.Tensor) and s_t.mean.dtype == torch.float64
+    np.testing.assert_array_equal(s_t.mean.numpy(), s_np.mean)
+    np.testing.assert_array_equal(s_t.var.numpy(), s_np.var)
+
+
+def test_torch_float32_gradient_gets_float64_moments_and_is_copied() -> None:
+    torch = pytest.importorskip("torch")
+    g = torch.ones(5, dtype=torch.float64)
+    s = NOISE_CTL.update(NOISE_CTL.init(), g)
+    g.fill_(7.0)  # a training loop overwrites its gradient in place: the state keeps its copy
+    assert s.mean.tolist() == [1.0] * 5
+    s32 = NOISE_CTL.update(NOISE_CTL.init(), torch.ones(2, 3, dtype=torch.float32))
+    assert s32.mean.dtype == torch.float64 and s32.mean.shape == (6,)
+    with pytest.raises(TypeError, match="floating"):
+        NOISE_CTL.update(s, torch.ones(5, dtype=torch.int64))
+
+
+def test_sequence_of_numpy_arrays_is_their_concatenation() -> None:
+    grads = _noise_grads(n=12, size=10)
+    ref, s_ref = _decays(NOISE_CTL, grads)
+    got, s = _decays(NOISE_CTL, [[g[:3].reshape(3, 1), g[3:]] for g in grads])
+    assert got == ref
+    np.testing.assert_array_equal(s.mean, s_ref.mean)
+    np.testing.assert_array_equal(s.var, s_ref.var)
+
+
+def _no_host_tensor_class() -> Any:
+    torch = pytest.importorskip("torch")
+
+    class NoHost(torch.Tensor):  # type: ignore[misc]
+        """A tensor that refuses every copy to the host (as a CUDA tensor refuses NumPy)."""
+
+        def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+            raise AssertionError(f"host copy of a tensor of shape {tuple(self.shape)}")
+
+        __array__ = numpy = cpu = tolist = _refuse
+
+    return NoHost
+
+
+def test_tensor_refusing_host_copies_works() -> None:
+    """Only 0-d results are read on the host (float/bool), never the gradient or moments."""
+    torch = pytest.importorskip("torch")
+    no_host = _no_host_tensor_class()
+    grads = _noise_grads()
+    ref, _ = _decays(NOISE_CTL, grads)
+    wrapped = [torch.tensor(g).as_subclass(no_host) for g in grads]
+    with pytest.raises(AssertionError, match="host copy"):
+        np.asarray(wrapped[0])  # the subclass does refuse
+    got, s = _decays(NOISE_CTL, wrapped)
+    assert type(s.mean) is no_host
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-12)
+    assert NOISE_CTL.noise_scale(s) == pytest.approx(
+        NOISE_CTL.noise_scale(_decays(NOISE_CTL, grads)[1]), rel=1e-12
+    )
+    # the checkpoint form keeps the arrays (no host copy) and restores them exactly
+    d = NOISE_CTL.state_to_dict(s, arrays=True)
+    assert d["mean"] is s.mean
+    restored = NOISE_CTL.state_from_dict(d)
+    assert torch.equal(restored.mean, s.mean) and torch.equal(restored.var, s.var)
+    assert restored.mean is not s.mean  # copied on restore
+
+
+def test_array_api_strict_on_a_device_without_numpy_conversion() -> None:
+    xps = pytest.importorskip("array_api_strict")
+    device = xps.Device("device1")  # converting its arrays to NumPy raises
+    grads = _noise_grads()
+    ref, _ = _decays(NOISE_CTL, grads)
+    arrays = [xps.asarray(g, device=device) for g in grads]
+    with pytest.raises(RuntimeError):
+        np.asarray(arrays[0])
+    got, s = _decays(NOISE_CTL, arrays)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-12)
+    assert s.mean.device == device and s.mean.dtype == xps.float64
+    restored = NOISE_CTL.state_from_dict(NOISE_CTL.state_to_dict(s, arrays=True))
+    assert restored.mean.device == device
+    after = xps.asarray(grads[0], device=device)
+    assert NOISE_CTL.update(restored, after).decay == NOISE_CTL.update(s, after).decay
+    # an array on another device is refused, not transferred
+    with pytest.raises(ValueError, match="device"):
+        NOISE_CTL.update(s, xps.asarray(grads[0], device=xps.Device("device2")))
+
+
+def test_float32_moments_where_the_device_has_no_float64() -> None:
+    xps = pytest.importorskip("array_api_strict")
+    device = xps.Device("no_float64")
+    grads = _noise_grads(n=20)
+    ref, _ = _decays(NOISE_CTL, grads)
+    got, s = _decays(NOISE_CTL, [xps.asarray(g.astype(np.float32), device=device) for g in grads])
+    assert s.mean.dtype == xps.float32
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4)
+
+
+def test_jax_arrays() -> None:
+    jnp = pytest.importorskip("jax.numpy")
+    grads = _noise_grads(n=20)
+    ref, _ = _decays(NOISE_CTL, grads)
+    got, s = _decays(NOISE_CTL, [jnp.asarray(g, dtype=jnp.float32) for g in grads])
+    assert "jax" in type(s.mean).__module__
+    # float64 only with jax_enable_x64 (the moments are float32 otherwise)
+    tol = 1e-12 if s.mean.dtype == jnp.float64 else 1e-4
+    np.testing.assert_allclose(got, ref, rtol=0, atol=tol)
+
+
+def test_gradient_in_another_namespace_than_the_moments_is_refused() -> None:
+    torch = pytest.importorskip("torch")
+    s = NOISE_CTL.update(NOISE_CTL.init(), np.ones(3))
+    with pytest.raises(TypeError, match="namespace"):
+        NOISE_CTL.update(s, torch.ones(3, dtype=torch.float64))
+    # the JSON form (lists) restores NumPy moments; arrays restore in their own namespace
+    d = NOISE_CTL.state_to_dict(s)
+    moved = {**d, "mean": torch.tensor(d["mean"]), "var": torch.tensor(d["var"])}
+    s_t = NOISE_CTL.state_from_dict(moved)
+    assert isinstance(s_t.mean, torch.Tensor)
+    assert NOISE_CTL.update(s_t, torch.zeros(3, dtype=torch.float64)).num_updates == 2
+
+
+def test_state_to_dict_lists_from_torch_moments() -> None:
+    torch = pytest.importorskip("torch")
+    grads = _noise_grads(n=6, size=4)
+    _, s_np = _decays(NOISE_CTL, grads)
+    _, s_t = _decays(NOISE_CTL, [torch.tensor(g) for g in grads])
+    assert NOISE_CTL.state_to_dict(s_t) == NOISE_CTL.state_to_dict(s_np)
+    json_roundtrip(NOISE_CTL.state_to_dict(s_t))
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"mean": "2d"}, "1-D"),
+        ({"mean": "nan"}, "non-finite"),
+        ({"var": "negative"}, "negative"),
+        ({"var": "int"}, None),
+        ({"var": "bool"}, "real numbers"),
+        ({"var": "list"}, "one kind"),
+        ({"var": "short"}, "length"),
+    ],
+)
+def test_state_from_dict_array_errors(change: dict[str, str], match: str | None) -> None:
+    torch = pytest.importorskip("torch")
+    s = _decays(NOISE_CTL, [torch.tensor(g) for g in _noise_grads(n=3, size=4)])[1]
+    d = NOISE_CTL.state_to_dict(s, arrays=True)
+    ((key, how),) = change.items()
+    bad = {
+        "2d": d[key].reshape(2, 2),
+        "nan": torch.tensor([1.0, math.nan, 0.0, 0.0], dtype=torch.float64),
+        "negative": torch.tensor([1.0, -1.0, 0.0, 0.0], dtype=torch.float64),
+        "int": torch.tensor([1, 0, 2, 3]),
+        "bool": torch.ones(4, dtype=torch.bool),
+        "list": d[key].tolist(),
+        "short": d[key][:3],
+    }[how]
+    if match is None:  # integers are numbers: accepted, as float64 moments
+        restored = NOISE_CTL.state_from_dict({**d, key: bad})
+        assert restored.var.dtype == torch.float64
+        return
+    with pytest.raises(ValueError, match=match):
+        NOISE_CTL.state_from_dict({**d, key: bad})

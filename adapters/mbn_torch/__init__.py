@@ -17,6 +17,7 @@ from .modules import (
     MomentumBatchNorm2d,
     MomentumBatchNorm3d,
 )
+from .scheduler import MomentumScheduler
 
 __all__ = [
     "DynamicBatchNorm1d",
@@ -25,6 +26,7 @@ __all__ = [
     "MomentumBatchNorm1d",
     "MomentumBatchNorm2d",
     "MomentumBatchNorm3d",
+    "MomentumScheduler",
     "batch_statistics_norm",
     "convert_to_batchnorm",
     "convert_to_mbn",
