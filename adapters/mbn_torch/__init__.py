@@ -8,6 +8,7 @@ torch.Size([2, 3, 4, 4])
 """
 
 from ._function import batch_statistics_norm, momentum_batch_norm
+from .checkpoint import load_checkpoint, save_checkpoint
 from .convert import convert_to_batchnorm, convert_to_mbn
 from .modules import (
     DynamicBatchNorm1d,
@@ -30,5 +31,7 @@ __all__ = [
     "batch_statistics_norm",
     "convert_to_batchnorm",
     "convert_to_mbn",
+    "load_checkpoint",
     "momentum_batch_norm",
+    "save_checkpoint",
 ]
