@@ -20,6 +20,7 @@ from mbn_torch import (  # noqa: E402
     convert_to_batchnorm,
     convert_to_mbn,
 )
+from mbn_torch.distributed import SyncMomentumBatchNorm  # noqa: E402
 
 BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
@@ -93,9 +94,7 @@ def test_lam0_matches_batchnorm_training_and_eval(momentum):
     mbn = convert_to_mbn(copy.deepcopy(ref), lam=0.0)
     kinds = [type(m) for m in mbn.modules()]
     assert kinds.count(MomentumBatchNorm2d) == 3 and kinds.count(MomentumBatchNorm1d) == 1
-    assert not any(
-        isinstance(m, nn.modules.batchnorm._BatchNorm) for m in mbn.modules()
-    )
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in mbn.modules())
     for x in _batches():
         y_ref, g_ref = _step(ref, x)
         y_mbn, g_mbn = _step(mbn, x)
@@ -218,17 +217,49 @@ def test_non_batchnorm_modules_untouched():
             assert m is children[name]
 
 
-def test_sync_batchnorm():
+def test_sync_batchnorm_becomes_sync_mbn_keeping_process_group():
+    group = object()  # stands for a ProcessGroup: only carried over, never used here
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 1), nn.SyncBatchNorm(4, momentum=None, process_group=group)
+    ).double()
+    ref = copy.deepcopy(model)
+    out = convert_to_mbn(model, lam=0.0)
+    assert type(out[1]) is SyncMomentumBatchNorm
+    assert out[1].process_group is group and out[1].momentum is None
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    # without a process group both are BN on this batch
+    torch.testing.assert_close(out(x), ref(x), atol=1e-12, rtol=0)
+    _assert_state_close(_bn_state(out), ref.state_dict())
+    back = convert_to_batchnorm(out)
+    assert type(back[1]) is nn.SyncBatchNorm and back[1].process_group is group
+    assert back[1].momentum is None
+    _assert_state_close(back.state_dict(), ref.state_dict(), tol=0)
+    root = convert_to_mbn(nn.SyncBatchNorm(2, eps=1e-3), lam=0.5)
+    assert type(root) is SyncMomentumBatchNorm and root.process_group is None
+    assert (root.eps, float(root.lam)) == (1e-3, 0.5)
+    assert root(torch.randn(3, 2, 2, 2, 2)).shape == (3, 2, 2, 2, 2)  # any rank >= 2
+    assert type(convert_to_batchnorm(root)) is nn.SyncBatchNorm
+
+
+def test_sync_batchnorm_per_device_with_sync_ndim():
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.SyncBatchNorm(4, momentum=None))
-    with pytest.raises(ValueError, match="sync_ndim=1, 2 or 3"):
-        convert_to_mbn(model)
-    assert type(model[1]) is nn.SyncBatchNorm  # nothing replaced
     ref = copy.deepcopy(model)
     out = convert_to_mbn(model, sync_ndim=2)
     assert type(out[1]) is MomentumBatchNorm2d and out[1].momentum is None
     x = torch.randn(2, 3, 4, 4)
     torch.testing.assert_close(out(x), ref(x))  # SyncBatchNorm without a process group
     assert type(convert_to_mbn(nn.SyncBatchNorm(2), sync_ndim=3)) is MomentumBatchNorm3d
+    assert type(convert_to_mbn(nn.SyncBatchNorm(2), sync_ndim=1)) is MomentumBatchNorm1d
+    assert type(convert_to_batchnorm(out)[1]) is nn.BatchNorm2d  # per-device: plain BN back
+
+
+def test_convert_sync_batchnorm_then_mbn_gives_sync_mbn():
+    """The documented way to synchronized MBN from a model with plain BatchNorm*d."""
+    ref = _model()
+    sync = convert_to_mbn(nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(ref)), lam=0.3)
+    kinds = [type(m) for m in sync.modules()]
+    assert kinds.count(SyncMomentumBatchNorm) == 4 and MomentumBatchNorm2d not in kinds
+    assert all(float(m.lam) == 0.3 for m in sync.modules() if type(m) is SyncMomentumBatchNorm)
 
 
 def test_bad_input_leaves_model_unchanged():

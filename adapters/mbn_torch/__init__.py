@@ -10,6 +10,7 @@ torch.Size([2, 3, 4, 4])
 from ._function import batch_statistics_norm, momentum_batch_norm
 from .checkpoint import load_checkpoint, save_checkpoint
 from .convert import convert_to_batchnorm, convert_to_mbn
+from .distributed import SyncMomentumBatchNorm, merge_inference_statistics, process_group_sum
 from .modules import (
     DynamicBatchNorm1d,
     DynamicBatchNorm2d,
@@ -28,10 +29,13 @@ __all__ = [
     "MomentumBatchNorm2d",
     "MomentumBatchNorm3d",
     "MomentumScheduler",
+    "SyncMomentumBatchNorm",
     "batch_statistics_norm",
     "convert_to_batchnorm",
     "convert_to_mbn",
     "load_checkpoint",
+    "merge_inference_statistics",
     "momentum_batch_norm",
+    "process_group_sum",
     "save_checkpoint",
 ]

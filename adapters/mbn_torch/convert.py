@@ -4,7 +4,9 @@
 model recursively, replaces each batch-norm layer by the matching
 ``MomentumBatchNorm1d/2d/3d`` and reuses the layer's own ``weight``/``bias`` ``Parameter``
 objects and statistics tensors (so an optimizer built before the conversion still holds
-the right parameters). :func:`convert_to_batchnorm` is the way back, for export.
+the right parameters); ``nn.SyncBatchNorm`` becomes the synchronized
+:class:`~mbn_torch.distributed.SyncMomentumBatchNorm`. :func:`convert_to_batchnorm` is the
+way back, for export.
 
 >>> import torch
 >>> from torch import nn
@@ -18,11 +20,14 @@ the right parameters). :func:`convert_to_batchnorm` is the way back, for export.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from mbn_ref import conventions
 
+from .distributed import SyncMomentumBatchNorm
 from .modules import (
     MomentumBatchNorm1d,
     MomentumBatchNorm2d,
@@ -52,14 +57,9 @@ _TO_BN: tuple[tuple[type[_MomentumBatchNorm], type[nn.Module]], ...] = (
 
 def _target(module: nn.Module, name: str, sync_ndim: int | None) -> type[_MomentumBatchNorm]:
     """The MBN class replacing the batch-norm layer ``module`` (checked, nothing changed)."""
+    target: type[_MomentumBatchNorm]
     if isinstance(module, nn.SyncBatchNorm):
-        if sync_ndim is None:
-            raise ValueError(
-                f"convert_to_mbn: {name or 'the model'} is a SyncBatchNorm, which does not "
-                "record the rank of its input; pass sync_ndim=1, 2 or 3 (for "
-                "MomentumBatchNorm1d, 2d or 3d)"
-            )
-        target = _BY_NDIM[sync_ndim]
+        target = SyncMomentumBatchNorm if sync_ndim is None else _BY_NDIM[sync_ndim]
     else:
         for source, mbn in _TO_MBN:
             if isinstance(module, source):
@@ -112,7 +112,11 @@ def _to_mbn(module: nn.Module, lam: float, sync_ndim: int | None) -> nn.Module:
     module_output = module
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         device, dtype = _device_dtype(module)
-        module_output = _target(module, "", sync_ndim)(
+        target = _target(module, "", sync_ndim)
+        extra: dict[str, Any] = (
+            {"process_group": module.process_group} if target is SyncMomentumBatchNorm else {}
+        )
+        module_output = target(
             module.num_features,
             module.eps,
             module.momentum,
@@ -121,6 +125,7 @@ def _to_mbn(module: nn.Module, lam: float, sync_ndim: int | None) -> nn.Module:
             device=device,
             dtype=dtype,
             lam=lam,
+            **extra,
         )
         # the checkpoint loader's path: weights and statistics, and the training statistics
         # moving_mean/moving_var start from the running statistics
@@ -139,8 +144,12 @@ def convert_to_mbn(
     """Replace every batch-norm layer of ``module`` by a ``MomentumBatchNorm*d``.
 
     Like ``nn.SyncBatchNorm.convert_sync_batchnorm``: ``BatchNorm1d/2d/3d`` (subclasses
-    included) become ``MomentumBatchNorm1d/2d/3d``, in place inside ``module``; the root
-    itself, if a batch norm, is replaced by a new module, so use the return value.
+    included) become ``MomentumBatchNorm1d/2d/3d`` and ``nn.SyncBatchNorm`` becomes
+    :class:`~mbn_torch.distributed.SyncMomentumBatchNorm` (synchronized MBN over the same
+    ``process_group``), in place inside ``module``; the root itself, if a batch norm, is
+    replaced by a new module, so use the return value. For synchronized MBN from a model
+    with plain ``BatchNorm*d``, convert with ``nn.SyncBatchNorm.convert_sync_batchnorm``
+    first.
 
     Parameters
     ----------
@@ -150,9 +159,11 @@ def convert_to_mbn(
         The training decay of every new module (the paper's lambda, in ``[0, 1]``). With
         ``lam = 0`` (the default) the converted model computes exactly what it did.
     sync_ndim : {1, 2, 3}, optional
-        For ``nn.SyncBatchNorm`` layers, which accept any input rank: convert them to
-        ``MomentumBatchNorm1d``, ``2d`` or ``3d``. They become per-device modules (not
-        synchronized across processes). Required when the model has one.
+        Per-device instead of synchronized: convert ``nn.SyncBatchNorm`` layers to
+        ``MomentumBatchNorm1d``, ``2d`` or ``3d`` (``SyncBatchNorm`` does not record its
+        input rank), each normalizing its own device's batch (the paper's setting; see
+        :func:`mbn_torch.distributed.merge_inference_statistics`). By default they become
+        ``SyncMomentumBatchNorm``.
 
     Returns
     -------
@@ -163,8 +174,8 @@ def convert_to_mbn(
     Raises
     ------
     ValueError
-        A ``SyncBatchNorm`` without ``sync_ndim``, an affine layer without bias
-        (``bias=False``), or ``lam`` outside ``[0, 1]``.
+        An affine layer without bias (``bias=False``), ``lam`` outside ``[0, 1]``, or
+        ``sync_ndim`` not 1, 2 or 3.
     TypeError
         A batch norm that is not ``BatchNorm1d/2d/3d`` or ``SyncBatchNorm`` (a lazy module
         not yet initialized, a custom ``_BatchNorm`` subclass).
@@ -180,7 +191,8 @@ def convert_to_mbn(
     updates them in place). ``moving_mean``/``moving_var`` are new tensors, started from the
     running statistics by the loader of ``BatchNorm*d`` checkpoints (see docs/torch.md).
     Every layer is checked before any is replaced: on an error ``module`` is unchanged.
-    Other attributes (hooks, ``process_group``) are not carried over.
+    ``process_group`` is kept by the synchronized conversion; other attributes (hooks) are
+    not carried over.
 
     Examples
     --------
@@ -192,7 +204,9 @@ def convert_to_mbn(
     ('MomentumBatchNorm1d', None, 0.5)
     >>> net(torch.randn(8, 4)).shape
     torch.Size([8, 3])
-    >>> type(convert_to_mbn(nn.SyncBatchNorm(3), sync_ndim=2)).__name__
+    >>> type(convert_to_mbn(nn.SyncBatchNorm(3))).__name__
+    'SyncMomentumBatchNorm'
+    >>> type(convert_to_mbn(nn.SyncBatchNorm(3), sync_ndim=2)).__name__   # per-device
     'MomentumBatchNorm2d'
     """
     conventions.validate_decay(lam, "lam")
@@ -207,17 +221,21 @@ def convert_to_mbn(
 def _to_bn(module: nn.Module) -> nn.Module:
     module_output = module
     if isinstance(module, _MomentumBatchNorm):
-        target = next(bn for mbn, bn in _TO_BN if isinstance(module, mbn))
         device, dtype = _device_dtype(module)
-        module_output = target(
+        args = (
             module.num_features,
             module.eps,
             module.momentum,
             module.affine,
             module.track_running_stats,
-            device=device,
-            dtype=dtype,
         )
+        if isinstance(module, SyncMomentumBatchNorm):
+            module_output = nn.SyncBatchNorm(
+                *args, process_group=module.process_group, device=device, dtype=dtype
+            )
+        else:
+            target = next(bn for mbn, bn in _TO_BN if isinstance(module, mbn))
+            module_output = target(*args, device=device, dtype=dtype)
         _adopt(module_output, module)
     for name, child in module.named_children():
         module_output.add_module(name, _to_bn(child))
@@ -230,6 +248,7 @@ def convert_to_batchnorm(module: nn.Module) -> nn.Module:
 
     The way back of :func:`convert_to_mbn`, for export (ONNX, TorchScript, inference
     runtimes that know only batch norm): the new layers hold the **inference** statistics.
+    ``SyncMomentumBatchNorm`` becomes ``nn.SyncBatchNorm`` with the same ``process_group``.
 
     Parameters
     ----------
@@ -240,7 +259,8 @@ def convert_to_batchnorm(module: nn.Module) -> nn.Module:
     -------
     torch.nn.Module
         ``module`` with its ``MomentumBatchNorm1d/2d/3d`` layers replaced by
-        ``BatchNorm1d/2d/3d``, or the new module if ``module`` was one.
+        ``BatchNorm1d/2d/3d`` (``SyncMomentumBatchNorm`` by ``SyncBatchNorm``), or the new
+        module if ``module`` was one.
 
     Notes
     -----

@@ -22,6 +22,7 @@ never recompiles a compiled model.
 from __future__ import annotations
 
 import math
+from collections.abc import Container
 from typing import Any, ClassVar
 
 import array_api_compat.torch as txp
@@ -88,7 +89,7 @@ class _DecayNorm(nn.Module):
     ``_extra_keys`` are the state-dict keys a ``BatchNorm*d`` checkpoint lacks.
     """
 
-    _ndims: ClassVar[tuple[int, ...]] = ()
+    _ndims: ClassVar[Container[int]] = ()
     _ndims_text: ClassVar[str] = ""
     _extra_keys: ClassVar[tuple[str, ...]] = ("inference_decay", "cumulative_average")
     _keeps_moving_statistics: ClassVar[bool] = False

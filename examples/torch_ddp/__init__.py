@@ -1,0 +1,1 @@
+"""Data-parallel training with MBN on ``torch.distributed`` (``train.py``)."""
