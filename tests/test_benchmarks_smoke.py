@@ -3,8 +3,10 @@
 ``benchmarks/bench_core.py --quick`` (tiny shapes, one round, no calibration) must exit 0 and
 write a report whose schema is complete, whose every time and ratio is a positive finite
 number, and whose contenders agree on the output they time (so a benchmark never compares
-unlike computations). Nothing here asserts a speed: timings belong in the JSON, not in tests
-(benchmarks/README.md).
+unlike computations). ``benchmarks/bench_torch.py --quick`` likewise (its eager modes on every
+case, the compiled mode on one), with its peak-memory numbers, and its contenders within
+float32 rounding of a float64 reference of what each computes. Nothing here asserts a speed:
+timings belong in the JSON, not in tests (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -33,7 +35,10 @@ def _positive_finite(v: Any) -> bool:
 def _run(script: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, str(BENCH_DIR / script), *args],
-        capture_output=True, text=True, timeout=240, check=False,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
     )
 
 
@@ -117,3 +122,98 @@ def test_profile_script_runs_quick(tmp_path: Path) -> None:
             assert _positive_finite(entry["median_ms"]), (title, name)
             assert _positive_finite(entry["ratio_to_first"]), (title, name)
             assert entry["agrees_with_first"] in (True, None), (title, name)
+
+
+# -- benchmarks/bench_torch.py ---------------------------------------------------------------
+
+TORCH_CONTENDERS = {"native", "mbn", "mbn_lam0", "dynamic_bn"}
+TORCH_CASES = {"4x8x4x4", "16x8", "resnet18_stage"}
+
+
+@pytest.fixture(scope="module")
+def torch_report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """``--quick`` eager modes on every case, and the compiled mode on the smallest one."""
+    out = tmp_path_factory.mktemp("bench") / "torch.json"
+    proc = _run(
+        "bench_torch.py", "--quick", "--modes", "eager_train", "eager_eval", "--json", str(out)
+    )
+    assert proc.returncode == 0, f"bench_torch.py --quick failed:\n{proc.stdout}\n{proc.stderr}"
+    assert "| case | mode | contender |" in proc.stdout, "the readable table was not printed"
+    report = json.loads(out.read_text())
+    compiled = out.with_name("compiled.json")
+    proc = _run(
+        "bench_torch.py",
+        "--quick",
+        "--cases",
+        "256x1024",
+        "--modes",
+        "compiled_train",
+        "--json",
+        str(compiled),
+    )
+    assert proc.returncode == 0, f"bench_torch.py compiled failed:\n{proc.stdout}\n{proc.stderr}"
+    report["cases"] += json.loads(compiled.read_text())["cases"]
+    return report
+
+
+def test_torch_header(torch_report: dict[str, Any]) -> None:
+    assert torch_report["schema"] == "mbn-ref/bench-torch/1"
+    header = torch_report["header"]
+    for lib in ("python", "torch", "numpy", "mbn_ref"):
+        assert header["versions"][lib], f"no version for {lib}"
+    assert header["torch_num_threads"] == 2 and header["device"] == "cpu"
+    settings = header["settings"]
+    assert settings["quick"] is True and settings["rounds"] == 1
+    assert settings["dtype"] == "float32" and settings["threads"] == 2
+
+
+def test_torch_cases_modes_and_contenders(torch_report: dict[str, Any]) -> None:
+    cases = torch_report["cases"]
+    seen = {(c["case"], c["mode"]) for c in cases}
+    eager = {(name, mode) for name in TORCH_CASES for mode in ("eager_train", "eager_eval")}
+    assert seen == eager | {("16x8", "compiled_train")}
+    stage = next(c for c in cases if c["case"] == "resnet18_stage")
+    assert stage["kind"] == "stage" and stage["shape"] == [2, 8, 8, 8]
+    for case in cases:
+        assert set(case["contenders"]) == TORCH_CONTENDERS, (case["case"], case["mode"])
+        assert set(case["ratios"]) == {f"{c}/native" for c in TORCH_CONTENDERS - {"native"}}
+
+
+def test_torch_numbers_are_positive_finite(torch_report: dict[str, Any]) -> None:
+    n_memory = 0
+    for case in torch_report["cases"]:
+        where = (case["case"], case["mode"])
+        for name, t in case["contenders"].items():
+            for key in ("median_ms", "min_ms", "first_call_s"):
+                assert _positive_finite(t[key]), (where, name, key, t[key])
+            assert len(t["rounds_ms"]) == 1 and t["loops"] >= 1
+            peak, retained = t["memory"]["peak_bytes"], t["memory"]["retained_bytes"]
+            if case["mode"] == "compiled_train":  # measured on CUDA only
+                assert peak is None and "not measured" in t["memory"]["method"]
+            else:
+                assert _positive_finite(peak) and _positive_finite(retained), (where, name)
+                assert retained <= peak
+        for name, r in case["ratios"].items():
+            for v in (r["median"], r["of_medians"], r["of_minima"], *r["per_round"]):
+                assert _positive_finite(v), (where, name, r)
+        for name, t in case["targets"].items():
+            assert isinstance(t["pass"], bool) and _positive_finite(t["limit"]), (name, t)
+            assert _positive_finite(t["ratio"])
+            n_memory += name.startswith("memory:")
+    assert n_memory == 3 * 2 * 3  # 3 cases x 2 eager modes x 3 contenders
+
+
+def test_torch_contenders_compute_the_same_thing(torch_report: dict[str, Any]) -> None:
+    for case in torch_report["cases"]:
+        diffs = case["agreement_rel_error"]
+        assert set(diffs) == TORCH_CONTENDERS
+        for name, d in diffs.items():
+            quantities = {"y"} if case["mode"] == "eager_eval" else {"y", "dx"}
+            assert set(d) == quantities
+            for q, v in d.items():
+                assert 0 <= v < 1e-5, f"{case['case']} {case['mode']}: {name} {q} off by {v}"
+
+
+def test_torch_bad_device_is_a_usage_error(tmp_path: Path) -> None:
+    proc = _run("bench_torch.py", "--quick", "--device", "tpu", "--json", str(tmp_path / "x"))
+    assert proc.returncode == 2 and "expected cpu or cuda" in proc.stderr

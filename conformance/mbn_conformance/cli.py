@@ -4,10 +4,12 @@
     mbn-ref conformance --impl my_package.adapter:make --cases 'mbn/*' --json report.json
     mbn-ref conformance --impl my_package.adapter:make --properties --xfails xfails.txt
 
-Exactly one of ``--backend`` (a built-in adapter over :mod:`mbn_ref`) and ``--impl
-module:factory`` (a callable returning an :class:`~mbn_conformance.protocol.Adapter`; the
-current directory is importable, like ``python -m``). The checks, their skips and known
-failures come from :func:`mbn_conformance.checks.checks`; this module only renders them.
+Exactly one of ``--backend`` (a built-in adapter over :mod:`mbn_ref`, or a backend that an
+installed package registers in the entry-point group ``mbn_conformance.backends``, such as
+``torch``: see :mod:`mbn_conformance.loading`) and ``--impl module:factory`` (a callable
+returning an :class:`~mbn_conformance.protocol.Adapter`; the current directory is
+importable, like ``python -m``). The checks, their skips and known failures come from
+:func:`mbn_conformance.checks.checks`; this module only renders them.
 Exit status: 0 when the implementation conforms (:func:`~mbn_conformance.results.succeeded`),
 1 when a check fails, errors or passes unexpectedly, 2 on a usage error (bad ``--impl``, an
 import that fails, a file that is not a golden-vector archive, a pattern that selects
@@ -30,7 +32,13 @@ from typing import Any
 from . import report, vectors
 from .builtin import BACKENDS
 from .checks import XfailEntry, XfailsFileError, checks, read_xfails
-from .loading import AdapterLoadError, backend_adapter, load_adapter
+from .loading import (
+    ENTRY_POINT_GROUP,
+    AdapterLoadError,
+    backend_adapter,
+    backend_names,
+    load_adapter,
+)
 from .protocol import Adapter
 from .results import CaseResult, succeeded
 
@@ -55,8 +63,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument(
         "--backend",
-        choices=BACKENDS,
-        help="a built-in adapter: the core on this Array API namespace",
+        choices=backend_names(BACKENDS),
+        help="a named adapter: a built-in one (the core on this Array API namespace: "
+        f"{', '.join(BACKENDS)}) or one an installed package registers in the entry-point "
+        f"group {ENTRY_POINT_GROUP} (e.g. torch: mbn_torch's modules)",
     )
     which.add_argument(
         "--impl",

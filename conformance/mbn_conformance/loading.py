@@ -1,8 +1,14 @@
-"""Finding the implementation under test: ``module:factory`` specs and built-in backends.
+"""Finding the implementation under test: ``module:factory`` specs and named backends.
 
 One loader for the CLI (``--impl``, ``--backend``) and the pytest plugin (``--mbn-impl``,
 ``MBN_IMPL``, ``--mbn-backend``); each front end turns :class:`AdapterLoadError` into its own
 usage error.
+
+A backend name is a built-in one (:data:`mbn_conformance.builtin.BACKENDS`, the core on an
+Array API namespace) or one that an installed package registers in the entry-point group
+:data:`ENTRY_POINT_GROUP` (``name = "module:factory"``), as ``mbn-ref`` registers ``torch``
+for ``mbn_torch.conformance:make``: the suite finds it without importing the package by
+name, and imports it only when it is asked for. Built-in names win.
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ import importlib
 import inspect
 import os
 import sys
+from collections.abc import Sequence
+from importlib import metadata
 from typing import Any
 
 from .protocol import Adapter
@@ -28,6 +36,9 @@ PROTOCOL_MEMBERS = (
     "backward",
 )
 
+
+ENTRY_POINT_GROUP = "mbn_conformance.backends"
+"""The entry-point group of third-party backends: ``name = "module:factory"``."""
 
 _V1_KEYWORDS = frozenset({"eps", "axis", "decay", "lam", "tau", "estimator"})
 
@@ -117,10 +128,80 @@ def protocol_v1_methods(adapter: Any) -> list[str]:
     return old
 
 
+def registered_backends() -> dict[str, str]:
+    """Backends registered in :data:`ENTRY_POINT_GROUP`: name -> ``module:factory``.
+
+    Nothing is imported (the metadata of installed distributions is read). Where two
+    distributions register one name, the first in sorted order of their values wins.
+
+    >>> registered_backends().get("torch")
+    'mbn_torch.conformance:make'
+    """
+    found: dict[str, str] = {}
+    for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.value):
+        found.setdefault(ep.name, ep.value)
+    return dict(sorted(found.items()))
+
+
+def backend_names(builtin: Sequence[str]) -> list[str]:
+    """The names ``--backend`` accepts: the ``builtin`` ones, then the registered others.
+
+    >>> backend_names(["numpy"])[:1], "torch" in backend_names(["numpy"])
+    (['numpy'], True)
+    """
+    return [*builtin, *(n for n in registered_backends() if n not in builtin)]
+
+
+def _unknown_backend(name: str, builtin: Sequence[str], registered: dict[str, str]) -> str:
+    listed = ", ".join(f"{n} ({spec})" for n, spec in registered.items() if n not in builtin)
+    return (
+        f"unknown backend {name!r}; built-in: {', '.join(builtin)}; registered in the "
+        f"entry-point group {ENTRY_POINT_GROUP!r}: {listed or 'none'}"
+    )
+
+
+def backend_spec(name: str) -> str:
+    """The ``module:factory(arg)`` spec that backend ``name`` (``name:arg`` too) stands for.
+
+    A built-in name is ``mbn_conformance.builtin:make(name)``; a registered one is its entry
+    point's value, called with ``arg`` when ``name`` carries one (``torch:mbn``).
+    :class:`AdapterLoadError` for an unknown name, listing the built-in and the registered
+    backends.
+
+    >>> backend_spec("numpy"), backend_spec("torch:mbn")
+    ('mbn_conformance.builtin:make(numpy)', 'mbn_torch.conformance:make(mbn)')
+    """
+    from .builtin import BACKENDS
+
+    base, sep, arg = name.partition(":")
+    if base in BACKENDS:
+        return f"mbn_conformance.builtin:make({name})"
+    registered = registered_backends()
+    if base not in registered:
+        raise AdapterLoadError(_unknown_backend(name, BACKENDS, registered))
+    return registered[base] + (f"({arg})" if sep else "")
+
+
 def backend_adapter(name: str) -> Adapter:
-    """The built-in adapter of the core on backend ``name`` (``numpy``, ...)."""
+    """The adapter of backend ``name``: a built-in one (``numpy``...) or a registered one.
+
+    A registered backend that cannot be imported or built is an :class:`AdapterLoadError` of
+    one line naming the backend, its entry point and the cause.
+
+    >>> backend_adapter("numpy").name
+    'mbn_ref[numpy]'
+    """
     from . import builtin
 
+    spec = backend_spec(name)
+    if name.partition(":")[0] not in builtin.BACKENDS:
+        try:
+            return load_adapter(spec)
+        except AdapterLoadError as exc:
+            cause = (str(exc).strip().splitlines() or [""])[0]
+            raise AdapterLoadError(
+                f"backend {name!r} (entry point {spec!r} of group {ENTRY_POINT_GROUP!r}): {cause}"
+            ) from None
     try:
         return builtin.make(name)
     except ImportError as exc:

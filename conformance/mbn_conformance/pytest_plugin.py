@@ -5,6 +5,7 @@ Choose the implementation under test, then run the shipped suite::
     pytest --pyargs mbn_conformance.suite --mbn-impl my_package.adapter:make_adapter
     MBN_IMPL=my_package.adapter:make_adapter pytest --pyargs mbn_conformance.suite
     pytest --pyargs mbn_conformance.suite --mbn-backend numpy     # a built-in adapter
+    pytest --pyargs mbn_conformance.suite --mbn-backend torch     # a registered backend
 
 ``module:factory`` names a callable (or an adapter object) in an importable module;
 ``factory`` may be a dotted attribute path. The tests are the checks of
@@ -38,8 +39,10 @@ if TYPE_CHECKING:
 
 ENV_IMPL = "MBN_IMPL"
 BACKENDS = ("numpy", "array-api-strict", "torch-xp", "cupy")
-"""The choices of ``--mbn-backend``: :data:`mbn_conformance.builtin.BACKENDS` (a test keeps
-them equal; the plugin does not import NumPy or the core until an implementation is named)."""
+"""The built-in choices of ``--mbn-backend``: :data:`mbn_conformance.builtin.BACKENDS` (a test
+keeps them equal; the plugin does not import the core until an implementation is named).
+The backends registered in the entry-point group ``mbn_conformance.backends`` follow them
+(:func:`mbn_conformance.loading.backend_names`)."""
 CHECK_PARAM = "mbn_check"
 """The argument the shipped tests are parametrized over: one :class:`~.checks.Check` each."""
 
@@ -51,6 +54,7 @@ class _Session:
     spec: str | None
     source: str
     xfails: list[XfailEntry]
+    backend: str | None = None
     adapter: Any = None
     error: str | None = None
     checks: list[Check] | None = None
@@ -70,11 +74,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         metavar="MODULE:FACTORY",
         help=f"implementation under test: a factory returning an Adapter (or env {ENV_IMPL})",
     )
+    from .loading import ENTRY_POINT_GROUP
+
     group.addoption(
         "--mbn-backend",
         default=None,
-        choices=BACKENDS,
-        help="shortcut for a built-in adapter (mbn_conformance.builtin:make on that backend)",
+        choices=_backend_names(),
+        help="shortcut for a named adapter: a built-in one (mbn_conformance.builtin:make on "
+        f"that backend) or one registered in the entry-point group {ENTRY_POINT_GROUP}",
     )
     group.addoption(
         "--mbn-xfails",
@@ -109,7 +116,7 @@ def _session(config: pytest.Config) -> _Session:
         if impl and backend:
             raise pytest.UsageError("give either --mbn-impl or --mbn-backend, not both")
         if backend:
-            spec: str | None = f"mbn_conformance.builtin:make({backend})"
+            spec: str | None = backend_spec(backend)
             source = "--mbn-backend"
         elif impl:
             spec, source = impl, "--mbn-impl"
@@ -119,7 +126,7 @@ def _session(config: pytest.Config) -> _Session:
             spec, source = None, ""
         path = config.getoption("mbn_xfails")
         xfails = read_xfails(path) if path else []
-        config.stash[_KEY] = _Session(spec, source, xfails)
+        config.stash[_KEY] = _Session(spec, source, xfails, backend=backend or None)
     return config.stash[_KEY]
 
 
@@ -143,6 +150,27 @@ def load_adapter(spec: str) -> Any:
         raise pytest.UsageError(f"--mbn-impl/{ENV_IMPL} {exc}") from None
 
 
+def load_backend(name: str) -> Any:
+    """:func:`mbn_conformance.loading.backend_adapter`, failing as a ``pytest.UsageError``."""
+    from .loading import AdapterLoadError, backend_adapter
+
+    try:
+        return backend_adapter(name)
+    except AdapterLoadError as exc:
+        raise pytest.UsageError(f"--mbn-backend {exc}") from None
+
+
+def backend_spec(name: str) -> str:
+    """:func:`mbn_conformance.loading.backend_spec`, failing as a ``pytest.UsageError``."""
+    from .loading import AdapterLoadError
+    from .loading import backend_spec as spec
+
+    try:
+        return spec(name)
+    except AdapterLoadError as exc:
+        raise pytest.UsageError(f"--mbn-backend {exc}") from None
+
+
 def get_adapter(config: pytest.Config) -> Any:
     """The adapter of this session, loaded once.
 
@@ -155,14 +183,20 @@ def get_adapter(config: pytest.Config) -> Any:
         if sess.spec is None:
             raise pytest.UsageError(
                 "the suite needs an implementation: --mbn-impl module:factory, "
-                f"{ENV_IMPL}=module:factory, or --mbn-backend {{{','.join(BACKENDS)}}}"
+                f"{ENV_IMPL}=module:factory, or --mbn-backend {{{','.join(_backend_names())}}}"
             )
         try:
-            sess.adapter = load_adapter(sess.spec)
+            sess.adapter = load_backend(sess.backend) if sess.backend else load_adapter(sess.spec)
         except pytest.UsageError as exc:
             sess.error = str(exc)
             raise
     return sess.adapter
+
+
+def _backend_names() -> list[str]:
+    from .loading import backend_names
+
+    return backend_names(BACKENDS)
 
 
 def _has_hypothesis() -> bool:
