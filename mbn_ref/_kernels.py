@@ -108,9 +108,13 @@ def inverse_std(xp: Namespace, var: Array, eps: float) -> Array:
     return 1.0 / xp.sqrt(var + eps)
 
 
-def ema(old: Array, new: Array, decay: Any) -> Array:
-    """Exponential moving average with a **decay** (weight on history): ``d*old + (1-d)*new``."""
-    return decay * old + (1 - decay) * new
+def ema(old: Array, new: Array, decay: Any, rest: Any = None) -> Array:
+    """Exponential moving average with a **decay** (weight on history): ``d*old + (1-d)*new``.
+
+    ``rest`` is ``1 - decay`` when the caller already has it (one operation fewer per
+    statistic when ``decay`` is a 0-d array).
+    """
+    return decay * old + (1 - decay if rest is None else rest) * new
 
 
 def affine_normalize(

@@ -58,7 +58,7 @@ class Batch:
     def scalar(self, value: Any) -> Array:
         """``value`` (a host number or a 0-d array) as a 0-d array of the compute dtype."""
         if is_array(value):
-            return self.xp.astype(value, self.x.dtype)
+            return self.xp.astype(value, self.x.dtype, copy=False)
         return self.xp.asarray(value, dtype=self.x.dtype, device=device_of(self.x))
 
     def context(
@@ -245,9 +245,10 @@ def update_running(
     :func:`update_flag`'s.
     """
     d = cumulative_decay(n, mean.dtype, xp=xp) if decay is None else decay
+    rest = 1 - d
     return (
-        keep_if(xp, ok, _kernels.ema(running_mean, mean, d), running_mean),
-        keep_if(xp, ok, _kernels.ema(running_var, var, d), running_var),
+        keep_if(xp, ok, _kernels.ema(running_mean, mean, d, rest), running_mean),
+        keep_if(xp, ok, _kernels.ema(running_var, var, d, rest), running_var),
         n + (1 if ok is None else xp.astype(ok, n.dtype)),
     )
 

@@ -195,10 +195,11 @@ def mbn_forward(
         return y, state, ctx
     m, batch_mean, batch_var, centered = stats
     ok = update_flag(b, batch_var, m)
-    moving_mean = _kernels.ema(state.moving_mean, batch_mean, lam)
-    moving_var = _kernels.ema(state.moving_var, batch_var, lam)
-    mean = xp.astype(moving_mean, b.x.dtype)
-    rstd = _kernels.inverse_std(xp, xp.astype(moving_var, b.x.dtype), eps)
+    lam_rest = 1 - lam  # the weight of the batch's statistics (and of their gradients)
+    moving_mean = _kernels.ema(state.moving_mean, batch_mean, lam, lam_rest)
+    moving_var = _kernels.ema(state.moving_var, batch_var, lam, lam_rest)
+    mean = xp.astype(moving_mean, b.x.dtype, copy=False)
+    rstd = _kernels.inverse_std(xp, xp.astype(moving_var, b.x.dtype, copy=False), eps)
     y = _kernels.affine_normalize(xp, centered, b.axis, batch_mean - mean, rstd, b.gamma, b.beta)
     running = update_running(
         xp,
@@ -216,7 +217,7 @@ def mbn_forward(
         *running,
     )
     # 1 - lam as a 0-d array (NumPy turns 0-d arithmetic into scalars: scalar() again)
-    weight = b.scalar(1 - b.scalar(lam) if is_array(lam) else 1.0 - float(lam))
+    weight = b.scalar(lam_rest if is_array(lam) else 1.0 - float(lam))
     ctx = b.context(mean, rstd, weight, batch_mean, m, all_sum)
     return xp.astype(y, b.dtype, copy=False), new_state, ctx
 

@@ -101,9 +101,12 @@ class _MBNFunction(torch.autograd.Function):
         ctx.save_for_backward(*output[-2])
         ctx.static = output[-1]
         ctx.mark_non_differentiable(*output[1 : 1 + _N_STATE])
+        ctx.set_materialize_grads(False)  # no zero gradients for the state outputs
 
     @staticmethod
-    def backward(ctx: Any, dy: torch.Tensor, *unused: Any) -> Any:
+    def backward(ctx: Any, dy: torch.Tensor | None, *unused: Any) -> Any:
+        if dy is None:  # y took no part in the loss (gradients are not materialized)
+            return (None,) * (3 + _N_STATE + 7)
         core_ctx = mr.NormContext.join(ctx.saved_tensors, ctx.static)
         dx, dweight, dbias = mr.backward(dy, core_ctx, xp=txp)
         return (dx, dweight, dbias) + (None,) * (_N_STATE + 7)
@@ -127,9 +130,12 @@ class _BatchStatisticsFunction(torch.autograd.Function):
     def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
         ctx.save_for_backward(*output[-2])
         ctx.static = output[-1]
+        ctx.set_materialize_grads(False)
 
     @staticmethod
-    def backward(ctx: Any, dy: torch.Tensor, *unused: Any) -> Any:
+    def backward(ctx: Any, dy: torch.Tensor | None, *unused: Any) -> Any:
+        if dy is None:
+            return None, None, None, None
         core_ctx = mr.NormContext.join(ctx.saved_tensors, ctx.static)
         dx, dweight, dbias = mr.backward(dy, core_ctx, xp=txp)
         return dx, dweight, dbias, None
@@ -195,7 +201,7 @@ def momentum_batch_norm(
     out = _MBNFunction.apply(  # type: ignore[no-untyped-call]
         x, weight, bias, *state, lam, tau, training, eps, estimator, nonfinite, all_sum
     )
-    return out[0], mr.MBNState(*(s.detach() for s in out[1 : 1 + _N_STATE]))
+    return out[0], mr.MBNState(*out[1 : 1 + _N_STATE])  # non-differentiable outputs
 
 
 def batch_statistics_norm(

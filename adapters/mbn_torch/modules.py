@@ -187,6 +187,8 @@ class _DecayNorm(nn.Module):
         assert n is not None
         if not torch.compiler.is_compiling():
             self._host_tau.read(self.inference_decay, "inference_decay")
+            if not self._host_cumulative.flag(self.cumulative_average):
+                return self.inference_decay
         return torch.where(
             self.cumulative_average,
             cumulative_decay(n, self.inference_decay.dtype, xp=txp),
