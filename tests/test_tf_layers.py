@@ -680,7 +680,6 @@ def test_bad_input_keras_messages_and_state_unchanged() -> None:
         ({"epsilon": 0.0}, ValueError, "epsilon=0.0"),
         ({"epsilon": "1e-3"}, TypeError, "epsilon"),
         ({"axis": 1.0}, TypeError, "axis"),
-        ({"synchronized": True}, NotImplementedError, "synchronized"),
     ],
 )
 def test_bad_arguments_at_construction(kwargs: dict[str, Any], error: type, match: str) -> None:

@@ -10,12 +10,22 @@ backward run on the backend's own arrays.
 (2, 3)
 """
 
+from .callbacks import (
+    GradientRecordingModel,
+    MomentumFromGradientNoise,
+    MomentumOnPlateau,
+    MomentumScheduler,
+)
 from .convert import from_batchnorm, load_batchnorm_weights
 from .layers import DynamicBatchNormalization, MomentumBatchNormalization
 
 __all__ = [
     "DynamicBatchNormalization",
+    "GradientRecordingModel",
     "MomentumBatchNormalization",
+    "MomentumFromGradientNoise",
+    "MomentumOnPlateau",
+    "MomentumScheduler",
     "from_batchnorm",
     "load_batchnorm_weights",
 ]

@@ -151,10 +151,6 @@ def from_batchnorm(
         )
     for key in ("renorm_clipping", "renorm_momentum"):
         config.pop(key, None)
-    if config.get("synchronized"):
-        raise ValueError(
-            f"{bn_layer.name!r} has synchronized=True, which mbn_tf does not implement yet"
-        )
     if name is not None:
         config["name"] = name
     layer: _DecayNormalization

@@ -74,6 +74,27 @@ def _host_value(variable: Any) -> float:
     return float(str(variable.numpy()))
 
 
+def _count_at_run_time(x: Any, axis: int) -> Any:
+    """``x`` (a TensorFlow tensor) with its first non-channel dimension unknown in a graph.
+
+    Under ``all_sum`` the core reads the global count on the host when the local one is a
+    Python integer (eagerly: one read per step, as PyTorch's ``SyncBatchNorm``); inside a
+    ``tf.function`` there is no host value, so the local count must be an array, which the
+    core computes from a tensor whose static shape has a ``None`` (docs/spec.md §9.2).
+    ``placeholder_with_default`` forgets the static size without copying. Eagerly ``x``
+    is returned as it is. It runs inside the custom gradient, whose backward gives ``dx``.
+    """
+    import tensorflow as tf
+
+    if tf.executing_eagerly():
+        return x
+    ndim = len(x.shape)
+    channel = axis % ndim
+    forget = 1 if channel == 0 and ndim > 1 else 0
+    shape = [None if i == forget else size for i, size in enumerate(x.shape)]
+    return tf.compat.v1.placeholder_with_default(x, shape)
+
+
 class _DecayNormalization(keras.layers.Layer):  # type: ignore[misc]
     """What both layers share: Keras BN's weights and arguments, the variable ``momentum``.
 
@@ -114,11 +135,6 @@ class _DecayNormalization(keras.layers.Layer):  # type: ignore[misc]
             raise ValueError(
                 "Argument synchronized=True is only supported with the TensorFlow backend."
             )
-        if synchronized:
-            raise NotImplementedError(
-                "synchronized=True (tf.distribute) is not implemented yet in mbn_tf; "
-                "use synchronized=False (statistics per replica)"
-            )
         self.synchronized = bool(synchronized)
         self.center = bool(center)
         self.scale = bool(scale)
@@ -144,9 +160,18 @@ class _DecayNormalization(keras.layers.Layer):  # type: ignore[misc]
         self.inference_decay = self._decay_variable("inference_decay", momentum)
 
     def _decay_variable(self, name: str, value: float) -> Any:
-        """A 0-d non-trainable variable holding a decay (read at run time by the graph)."""
+        """A 0-d non-trainable variable holding a decay (read at run time by the graph).
+
+        Under a ``tf.distribute`` strategy it is a mirrored variable that a replica may
+        assign (``aggregation="only_first_replica"``: every replica holds the same decay).
+        """
         variable = self.add_weight(
-            shape=(), name=name, initializer="zeros", trainable=False, autocast=False
+            shape=(),
+            name=name,
+            initializer="zeros",
+            trainable=False,
+            autocast=False,
+            aggregation="only_first_replica",
         )
         # assigned, not initialized with Constant(value), which rounds through float32
         variable.assign(value)
@@ -210,8 +235,20 @@ class _DecayNormalization(keras.layers.Layer):  # type: ignore[misc]
         self.input_spec = keras.layers.InputSpec(ndim=ndim, axes={self.axis: channels})
 
     def _statistic(self, name: str, shape: tuple[int, ...], initializer: Any) -> Any:
+        """A statistic: a non-trainable variable, mirrored under a ``tf.distribute`` strategy.
+
+        The replicas assign it in the replica context: synchronized, they all compute the
+        same global statistics, so the first replica's value is kept
+        (``"only_first_replica"``, no extra collective); per replica, the replicas' values
+        are averaged (``"mean"``, what Keras 2's BN did with its ``ON_READ`` statistics).
+        """
         return self.add_weight(
-            shape=shape, name=name, initializer=initializer, trainable=False, autocast=False
+            shape=shape,
+            name=name,
+            initializer=initializer,
+            trainable=False,
+            autocast=False,
+            aggregation="only_first_replica" if self.synchronized else "mean",
         )
 
     def _build_extra_state(self, shape: tuple[int, ...]) -> None:
@@ -252,12 +289,21 @@ class _DecayNormalization(keras.layers.Layer):  # type: ignore[misc]
         gamma = None if self.gamma is None else keras.ops.convert_to_tensor(self.gamma)
         beta = None if self.beta is None else keras.ops.convert_to_tensor(self.beta)
         n_state = len(state_variables)
+        all_sum = self._all_sum() if training else None
 
         def forward(
             x: Array, gamma: Array | None, beta: Array | None, consts: Sequence[Array]
         ) -> tuple[Array, tuple[Array, ...], NormContext]:
+            if all_sum is not None:
+                x = _count_at_run_time(x, self.axis)
             return self._forward(
-                x, gamma, beta, consts[:n_state], consts[n_state:], training=training
+                x,
+                gamma,
+                beta,
+                consts[:n_state],
+                consts[n_state:],
+                training=training,
+                all_sum=all_sum,
             )
 
         y, new_state = _backends.differentiable(
@@ -271,12 +317,26 @@ class _DecayNormalization(keras.layers.Layer):  # type: ignore[misc]
     def _all_sum(self) -> AllSum | None:
         """The collective of synchronized statistics for the core's ``all_sum``.
 
-        ``None``: statistics per replica (the only mode so far; ``synchronized=True`` is
-        refused at construction). The ``tf.distribute`` increment returns the replica
-        context's ``all_reduce("sum", ...)`` here, as ``mbn_torch``'s modules do with
-        ``torch.distributed``.
+        With ``synchronized=True``, inside a ``tf.distribute`` replica context with more
+        than one replica: the replica context's ``all_reduce(SUM, ...)``, which the core
+        uses for the global moments (Chan's merge: sums, then squared deviations from the
+        global mean, ``mbn_ref._kernels.batch_moments``) and, through the backward
+        context, for the two per-channel sums of the gradient. Otherwise ``None``:
+        statistics of the replica's own batch (``synchronized=False``, no strategy, or
+        one replica).
         """
-        return None
+        if not self.synchronized:
+            return None
+        import tensorflow as tf
+
+        replica = tf.distribute.get_replica_context()
+        if replica is None or replica.num_replicas_in_sync == 1:
+            return None
+
+        def all_sum(value: Array) -> Array:
+            return replica.all_reduce(tf.distribute.ReduceOp.SUM, value)
+
+        return all_sum
 
     def _counter(self) -> Array:
         """A 0-d integer for the core's ``num_batches_tracked`` (Keras counts no batches)."""
@@ -297,6 +357,7 @@ class _DecayNormalization(keras.layers.Layer):  # type: ignore[misc]
         decays: Sequence[Array],
         *,
         training: bool,
+        all_sum: AllSum | None = None,
     ) -> tuple[Array, tuple[Array, ...], NormContext]:
         raise NotImplementedError
 
@@ -348,8 +409,11 @@ class DynamicBatchNormalization(_DecayNormalization):
     gamma_constraint
         As in ``keras.layers.BatchNormalization``.
     synchronized : bool, optional
-        Synchronized statistics under ``tf.distribute``: not implemented yet (``True``
-        raises ``NotImplementedError``).
+        Synchronized statistics under ``tf.distribute`` (TensorFlow backend only): in a
+        replica context, every replica normalizes with the moments of the global batch
+        (the replica context's ``all_reduce`` as the core's ``all_sum``) and the backward
+        sums its two per-channel vectors over the replicas too. ``False``: each replica
+        uses its own batch (the statistics variables average the replicas' updates).
     **kwargs
         Base layer arguments (``name``, ``dtype``, ``trainable``).
 
@@ -382,6 +446,7 @@ class DynamicBatchNormalization(_DecayNormalization):
         decays: Sequence[Array],
         *,
         training: bool,
+        all_sum: AllSum | None = None,
     ) -> tuple[Array, tuple[Array, ...], NormContext]:
         (decay,) = decays
         bn_state = mr.BNState(state[0], state[1], self._counter())
@@ -394,7 +459,7 @@ class DynamicBatchNormalization(_DecayNormalization):
             eps=self.epsilon,
             axis=self.axis,
             training=training,
-            all_sum=self._all_sum() if training else None,
+            all_sum=all_sum,
             xp=self._xp,
         )
         assert new is not None
@@ -489,6 +554,7 @@ class MomentumBatchNormalization(_DecayNormalization):
         decays: Sequence[Array],
         *,
         training: bool,
+        all_sum: AllSum | None = None,
     ) -> tuple[Array, tuple[Array, ...], NormContext]:
         lam, tau = decays
         y, new, ctx = mr.mbn_forward(
@@ -501,7 +567,7 @@ class MomentumBatchNormalization(_DecayNormalization):
             eps=self.epsilon,
             axis=self.axis,
             training=training,
-            all_sum=self._all_sum() if training else None,
+            all_sum=all_sum,
             xp=self._xp,
         )
         return y, (tuple(new[:4]) if training else ()), ctx
