@@ -5,7 +5,10 @@ write a report whose schema is complete, whose every time and ratio is a positiv
 number, and whose contenders agree on the output they time (so a benchmark never compares
 unlike computations). ``benchmarks/bench_torch.py --quick`` likewise (its eager modes on every
 case, the compiled mode on one), with its peak-memory numbers, and its contenders within
-float32 rounding of a float64 reference of what each computes. Nothing here asserts a speed:
+float32 rounding of a float64 reference of what each computes. ``benchmarks/bench_keras.py
+--quick`` on its dense case (both TensorFlow modes, and the JAX backend in its subprocess),
+with its BN contenders' first-step loss and gradients equal to Keras' BN's within float32
+rounding. Nothing here asserts a speed:
 timings belong in the JSON, not in tests (benchmarks/README.md).
 """
 
@@ -217,3 +220,62 @@ def test_torch_contenders_compute_the_same_thing(torch_report: dict[str, Any]) -
 def test_torch_bad_device_is_a_usage_error(tmp_path: Path) -> None:
     proc = _run("bench_torch.py", "--quick", "--device", "tpu", "--json", str(tmp_path / "x"))
     assert proc.returncode == 2 and "expected cpu or cuda" in proc.stderr
+
+
+# -- benchmarks/bench_keras.py ---------------------------------------------------------------
+
+KERAS_CONTENDERS = {"keras", "mbn", "mbn_lam0", "dynamic_bn"}
+
+
+@pytest.fixture(scope="module")
+def keras_report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """``--quick`` on the dense case: both TensorFlow modes, and JAX in its subprocess."""
+    pytest.importorskip("tensorflow")
+    out = tmp_path_factory.mktemp("bench") / "keras.json"
+    proc = _run("bench_keras.py", "--quick", "--cases", "256x1024", "--json", str(out))
+    assert proc.returncode == 0, f"bench_keras.py --quick failed:\n{proc.stdout}\n{proc.stderr}"
+    assert "| case | mode | contender |" in proc.stdout, "the readable table was not printed"
+    report: dict[str, Any] = json.loads(out.read_text())
+    return report
+
+
+def test_keras_header_and_cases(keras_report: dict[str, Any]) -> None:
+    assert keras_report["schema"] == "mbn-ref/bench-keras/1"
+    header = keras_report["header"]
+    for lib in ("python", "keras", "tensorflow", "numpy", "mbn_ref"):
+        assert header["versions"][lib], f"no version for {lib}"
+    assert header["settings"]["quick"] is True and header["settings"]["dtype"] == "float32"
+    assert header["backends"]["tensorflow"] == "ran"
+    modes = {"tf_function", "tf_function_xla"}
+    if header["backends"]["jax"] == "ran":
+        modes.add("jax_jit")
+    cases = keras_report["cases"]
+    assert {(c["case"], c["mode"]) for c in cases} == {("256x1024", m) for m in modes}
+    for case in cases:
+        assert case["bn_shape"] == [16, 32]
+        assert set(case["contenders"]) == KERAS_CONTENDERS
+        assert set(case["ratios"]) == {f"{c}/keras" for c in KERAS_CONTENDERS - {"keras"}}
+
+
+def test_keras_numbers_are_positive_finite(keras_report: dict[str, Any]) -> None:
+    for case in keras_report["cases"]:
+        where = (case["case"], case["mode"])
+        for name, t in case["contenders"].items():
+            for key in ("median_ms", "min_ms", "first_call_s"):
+                assert _positive_finite(t[key]), (where, name, key, t[key])
+            assert len(t["rounds_ms"]) == 1 and t["loops"] >= 1
+        for name, r in case["ratios"].items():
+            for v in (r["median"], r["of_minima"], *r["per_round"]):
+                assert _positive_finite(v), (where, name, r)
+        for name, t in case["targets"].items():
+            assert isinstance(t["pass"], bool) and (t["limit"], t["aim"]) == (1.5, 1.2), name
+
+
+def test_keras_bn_contenders_compute_keras_bn(keras_report: dict[str, Any]) -> None:
+    for case in keras_report["cases"]:
+        diffs = case["agreement_rel_error"]
+        assert set(diffs) == {"mbn_lam0", "dynamic_bn"}
+        for name, d in diffs.items():
+            assert set(d) == {"loss", "grads"}
+            for q, v in d.items():
+                assert 0 <= v < 1e-5, f"{case['case']} {case['mode']}: {name} {q} off by {v}"
