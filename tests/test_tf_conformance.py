@@ -47,12 +47,10 @@ SKIPS = {
         "cumulative average needs a batch counter (batch_counter=False)"
     ),
     "refusal/one_value_per_channel": "refusal one_value_per_channel not declared",
-    "schedule/trajectory": "no own decay scheduler (scheduled_train_step) declared",
-    "schedule/eq11_eq12": "no own decay scheduler (scheduled_train_step) declared",
 }
-"""Every skip, with its reason: Keras keeps no batch counter (so no cumulative average), a
-batch of one value per channel normalizes to ``beta`` (not refused), and ``mbn_tf`` has no
-scheduler callback yet."""
+"""Every skip, with its reason: Keras keeps no batch counter (so no cumulative average), and
+a batch of one value per channel normalizes to ``beta`` (not refused). The schedule checks
+run through the callback ``mbn_tf.MomentumScheduler``."""
 PROPERTY_SETTINGS = settings(
     max_examples=10,
     derandomize=True,
@@ -120,7 +118,7 @@ def test_every_check_passes(variant: str, core_calls: _CoreCalls) -> None:
     assert {cid: outcomes[cid].reason for cid in by_status.get("skip", [])} == SKIPS
     assert sorted(by_status.get("xfail", [])) == sorted(KNOWN_FAILURES) == []
     kinds = {outcomes[cid].kind for cid in by_status["pass"]}
-    assert kinds == {"golden", "refusal", "property"}
+    assert kinds == {"golden", "refusal", "property", "schedule"}
     assert len(by_status["pass"]) == len(outcomes) - len(SKIPS) >= 70
     assert "refusal/decay_out_of_range" in ran and "refusal/eps_not_positive" in ran
 
@@ -269,8 +267,8 @@ def test_cli_backend_keras(capsys: pytest.CaptureFixture[str]) -> None:
     golden_skips = len(SKIPS)
     assert (s["fail"], s["error"], s["xpass"], s["xfail"]) == (0, 0, 0, 0)
     assert s["skip"] == golden_skips and s["succeeded"]
-    assert s["pass"] == s["total"] - golden_skips == 66
-    assert s["verdict"].startswith(f"CONFORMS: 66 of {s['total']} checks run (66 passed)")
+    assert s["pass"] == s["total"] - golden_skips == 68
+    assert s["verdict"].startswith(f"CONFORMS: 68 of {s['total']} checks run (68 passed)")
 
 
 def test_console_script_sync_cases() -> None:

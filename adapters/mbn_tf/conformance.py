@@ -66,9 +66,10 @@ import numpy as np
 import tensorflow as tf
 
 import mbn_ref
-from mbn_conformance.protocol import Capabilities, Kind, Setup, Step
+from mbn_conformance.protocol import Capabilities, Kind, ScheduleSetup, Setup, Step
 from mbn_ref.distributed import AllSum, simulate
 
+from .callbacks import MomentumScheduler
 from .layers import (
     DynamicBatchNormalization,
     MomentumBatchNormalization,
@@ -119,6 +120,7 @@ class Layer:
 
     kind: Kind
     layer: _DecayNormalization
+    scheduler: MomentumScheduler | None = None
 
     @property
     def keys(self) -> dict[str, str]:
@@ -296,6 +298,45 @@ class KerasLayersAdapter:
     def backward(self, ctx: Call, dy: Any) -> tuple[Any, Any, Any]:
         """``(dx, dgamma, dbeta)`` from the step's tape."""
         return ctx.grads(dy)
+
+    def scheduled_train_step(
+        self,
+        schedule: ScheduleSetup,
+        epoch: int,
+        step: Step,
+        state: Layer,
+        x: Any,
+        gamma: Any,
+        beta: Any,
+    ) -> tuple[Any, Layer, Call, tuple[float, float]]:
+        """An MBN training step with the decays of the callback :class:`mbn_tf.MomentumScheduler`.
+
+        The callback (the paper's Eq. 11 and Eq. 12 for ``schedule``, per epoch) is attached
+        to a model holding the layer at the first call and driven through Keras' callback
+        hooks, one epoch per completed epoch, as ``fit`` would; the decays reported are the
+        layer's variables ``lam`` and ``inference_decay`` that the call used.
+        """
+        layer = state.layer
+        if not isinstance(layer, MomentumBatchNormalization):
+            raise TypeError(f"a scheduled MBN step needs an MBN layer, got {type(layer)}")
+        callback = state.scheduler
+        if callback is None or callback.epochs > epoch:
+            callback = MomentumScheduler(
+                batch_size=schedule.batch_size,
+                total_epochs=schedule.total_epochs,
+                ideal_batch_size=schedule.ideal_batch_size,
+                tau0=schedule.tau0,
+            )
+            callback.set_model(keras.Sequential([layer]))
+            callback.on_train_begin()
+            state.scheduler = callback
+        while callback.epochs < epoch:
+            callback.on_epoch_end(callback.epochs)
+        callback.on_epoch_begin(epoch)
+        self._configure(step, layer, gamma, beta, decays=False)
+        used = (float(layer.lam.numpy()), float(layer.inference_decay.numpy()))
+        call = self._call(layer, x)
+        return call.y, state, call, used
 
     # -- synchronized statistics --------------------------------------------------------
     def sync_train_step(
