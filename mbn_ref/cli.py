@@ -1,6 +1,6 @@
 """The ``mbn-ref`` command line.
 
-Subcommands (the set grows; ``reproduce`` is planned):
+Subcommands (``reproduce`` comes from the plugin ``mbn_torch.reproduce.cli:register``):
 
 - ``mbn-ref schedule``: the paper's Eq. 11 training decay ``lam`` per epoch and Eq. 12
   inference decay ``tau`` for a batch size, as a table (and optionally JSON).

@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 COMMANDS = {
     "main-command": (
-        "python3 -m venv .venv && .venv/bin/pip install -q -e . && "
-        ".venv/bin/mbn-ref schedule --batch-size 2 --epochs 200"
+        'python3 -m venv .venv && .venv/bin/pip install -q -e ".[reproduce]" && '
+        ".venv/bin/mbn-ref reproduce"
     ),
     "test-command": (
         'python3 -m venv .venv && .venv/bin/pip install -q -e ".[test]" && '
