@@ -4,6 +4,8 @@ Subcommands (``reproduce`` comes from the plugin ``mbn_torch.reproduce.cli:regis
 
 - ``mbn-ref schedule``: the paper's Eq. 11 training decay ``lam`` per epoch and Eq. 12
   inference decay ``tau`` for a batch size, as a table (and optionally JSON).
+- ``mbn-ref noise``: BN's and MBN's statistics noise and MBN's effective batch size for a
+  batch size and training decays (:mod:`mbn_ref.noise`), as a table (and optionally JSON).
 - subcommands from **plugins**: each entry point of the group ``mbn_ref.commands`` (like
   pytest's ``pytest11``) adds the subcommand named after it. Its object is a function
   ``register(subparsers)`` that adds a parser of that name to an ``add_subparsers()`` object
@@ -46,6 +48,7 @@ import argparse
 import contextlib
 import importlib.metadata
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -224,6 +227,30 @@ def _build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         help="also write every epoch's values as JSON to PATH ('-': JSON on stdout instead)",
     )
     sched.set_defaults(run=_run_schedule)
+
+    noise_cmd = sub.add_parser(
+        "noise",
+        help="BN's and MBN's statistics noise and MBN's effective batch size",
+        description=(
+            "For batch size m and each training decay lam: the variance of the mean noise "
+            "xi_mu for BN (1/m) and MBN (the corrected Eq. 10, (1-lam)/((1+lam) m)), of the "
+            "variance noise xi_sigma (Gaussian data), and the batch size at which BN is as "
+            "noisy as MBN in each (mbn_ref.noise)."
+        ),
+        epilog="example: mbn-ref noise --batch-size 2 --lam 0 0.5 0.9 0.9375 --json -",
+    )
+    noise_cmd.add_argument("--batch-size", type=_positive_int, required=True, help="batch size m")
+    noise_cmd.add_argument(
+        "--lam",
+        type=float,
+        nargs="+",
+        default=[0.0, 0.5, 0.9, 0.99],
+        help="training decays (weight on history) in [0, 1] (default: %(default)s)",
+    )
+    noise_cmd.add_argument(
+        "--json", metavar="PATH", default=None, help="also write the rows as JSON ('-': stdout)"
+    )
+    noise_cmd.set_defaults(run=_run_noise)
     _add_plugins(sub, argv)
     return parser
 
@@ -363,6 +390,76 @@ def _run_schedule(args: argparse.Namespace) -> int:
         _write_table(sys.stdout, summary, lam, lam_end, every)
         if target is not None:
             json.dump(_report(summary, args.epochs, lam), target, indent=2)
+            target.write("\n")
+    return 0
+
+
+# ------------------------------------------------------------------------------ noise
+
+
+def _noise_rows(m: int, lams: Sequence[float]) -> list[dict[str, float | None]]:
+    """One row per decay: the noise variances and effective batch sizes of docs/spec.md §6."""
+    rows: list[dict[str, float | None]] = []
+    for lam in lams:
+        sigma_ok = m >= 2  # the variance noise needs two values
+        rows.append(
+            {
+                "lam": float(lam),
+                "bn_var_xi_mu": float(noise.bn_xi_mu_var(m)),
+                "mbn_var_xi_mu": float(noise.mbn_xi_mu_var(m, lam)),
+                "bn_var_xi_sigma": float(noise.bn_xi_sigma_var(m)) if sigma_ok else None,
+                "mbn_var_xi_sigma": float(noise.mbn_xi_sigma_var(m, lam)) if sigma_ok else None,
+                "effective_batch_size_mean": float(noise.effective_batch_size(m, lam)),
+                "effective_batch_size_variance": (
+                    float(noise.effective_batch_size_sigma(m, lam)) if sigma_ok else None
+                ),
+            }
+        )
+    return rows
+
+
+def _finite_or_none(v: float | None) -> float | None:
+    """``None`` (JSON null) for an infinite value (``lam = 1``), else the value."""
+    return None if v is None or math.isinf(v) else v
+
+
+def _number(v: float | None) -> str:
+    return "-" if v is None else f"{v:.6g}"
+
+
+def _run_noise(args: argparse.Namespace) -> int:
+    try:
+        rows = _noise_rows(args.batch_size, args.lam)
+    except (TypeError, ValueError) as exc:
+        raise _UsageError(f"{PROG} noise: error: {exc}") from None
+    report = {
+        "batch_size": args.batch_size,
+        "conventions": "lam is a decay (weight on history); variances are of the noise of "
+        "standardized data (Gaussian for xi_sigma)",
+        "rows": [{k: _finite_or_none(v) for k, v in row.items()} for row in rows],
+    }
+    if args.json == "-":
+        print(json.dumps(report, indent=2))
+        return 0
+    with contextlib.ExitStack() as stack:
+        target = None
+        if args.json is not None:
+            try:
+                target = stack.enter_context(open(args.json, "w", encoding="utf-8"))
+            except OSError as exc:
+                raise _UsageError(
+                    f"{PROG} noise: error: cannot write {args.json}: {exc.strerror or exc}"
+                ) from None
+        header = ("lam", "Var xi_mu BN", "Var xi_mu MBN", "Var xi_sigma BN", "Var xi_sigma MBN",
+                  "BN-equivalent m (mean)", "(variance)")  # fmt: skip
+        print(f"# mbn-ref noise: batch size m = {args.batch_size}; MBN's stationary noise "
+              "(corrected Eq. 10) against BN's")  # fmt: skip
+        print("  ".join(f"{h:>{max(len(h), 10)}}" for h in header))
+        for row in rows:
+            cells = [_number(v) for v in row.values()]
+            print("  ".join(f"{c:>{max(len(h), 10)}}" for c, h in zip(cells, header, strict=True)))
+        if target is not None:
+            json.dump(report, target, indent=2)
             target.write("\n")
     return 0
 

@@ -353,3 +353,54 @@ def test_a_reader_that_stops_early_gets_no_traceback() -> None:
     err = proc.stderr.read()
     assert proc.wait(timeout=60) == 1
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+# -- noise ------------------------------------------------------------------------------------
+
+
+def test_noise_table_and_json_are_the_noise_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mbn_ref import noise
+
+    path = tmp_path / "noise.json"
+    argv = ["noise", "--batch-size", "2", "--lam", "0", "0.9375", "--json", str(path)]
+    assert main(argv) == 0
+    lines = [ln.split() for ln in capsys.readouterr().out.splitlines() if ln[:1] == " "]
+    rows = [r for r in lines if r[0].replace(".", "").isdigit()]
+    assert [float(r[0]) for r in rows] == [0.0, 0.9375]
+    assert float(rows[1][2]) == pytest.approx(float(noise.mbn_xi_mu_var(2, 0.9375)), rel=1e-5)
+    assert float(rows[1][5]) == pytest.approx(62.0)  # erratum 3: not m0 = 32
+    report = json.loads(path.read_text())
+    assert report["batch_size"] == 2
+    got = report["rows"][1]
+    assert got["effective_batch_size_mean"] == float(noise.effective_batch_size(2, 0.9375))
+    assert got["effective_batch_size_variance"] == float(
+        noise.effective_batch_size_sigma(2, 0.9375)
+    )
+    assert got["mbn_var_xi_sigma"] == float(noise.mbn_xi_sigma_var(2, 0.9375))
+
+
+def test_noise_json_stdout_and_edge_cases(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["noise", "--batch-size", "1", "--lam", "0.5", "1", "--json", "-"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert rows[0]["bn_var_xi_sigma"] is None  # one value: no variance noise
+    assert rows[0]["effective_batch_size_mean"] == 3.0
+    assert rows[1]["effective_batch_size_mean"] is None  # lam = 1: infinite, JSON null
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["noise", "--batch-size", "4", "--lam", "1.5"],
+        ["noise", "--batch-size", "0"],
+        ["noise", "--lam", "0.5"],
+        ["noise", "--batch-size", "4", "--json", "/nonexistent/dir/x.json"],
+    ],
+)
+def test_noise_usage_errors_exit_2_and_print_nothing(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "error" in captured.err
