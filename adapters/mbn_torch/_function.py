@@ -121,8 +121,20 @@ class _BatchStatisticsFunction(torch.autograd.Function):
         weight: torch.Tensor | None,
         bias: torch.Tensor | None,
         eps: float,
+        nonfinite: str,
+        all_sum: AllSum | None,
     ) -> Any:
-        y, _, ctx = mr.bn_forward(x, None, weight, bias, eps=eps, training=True, xp=txp)
+        y, _, ctx = mr.bn_forward(
+            x,
+            None,
+            weight,
+            bias,
+            eps=eps,
+            training=True,
+            nonfinite=nonfinite,
+            all_sum=all_sum,
+            xp=txp,
+        )
         arrays, static = ctx.split()
         return (y, arrays, static)
 
@@ -135,10 +147,10 @@ class _BatchStatisticsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor | None, *unused: Any) -> Any:
         if dy is None:
-            return None, None, None, None
+            return None, None, None, None, None, None
         core_ctx = mr.NormContext.join(ctx.saved_tensors, ctx.static)
         dx, dweight, dbias = mr.backward(dy, core_ctx, xp=txp)
-        return dx, dweight, dbias, None
+        return dx, dweight, dbias, None, None, None
 
 
 def momentum_batch_norm(
@@ -210,6 +222,8 @@ def batch_statistics_norm(
     bias: torch.Tensor | None,
     *,
     eps: float = 1e-5,
+    nonfinite: str = "propagate",
+    all_sum: AllSum | None = None,
 ) -> torch.Tensor:
     """BN with the batch's own statistics, no state (``track_running_stats=False``).
 
@@ -221,6 +235,12 @@ def batch_statistics_norm(
         Per-channel affine parameters.
     eps : float, optional
         Added to the variance inside the square root.
+    nonfinite : {"propagate", "skip_update", "raise"}, optional
+        The core's policy for a batch holding NaN or Inf (``"raise"`` raises; with no state
+        the other two are alike).
+    all_sum : callable, optional
+        A collective summing over the process group: the global batch's statistics (a
+        global batch of one value per channel is refused).
 
     Returns
     -------
@@ -234,5 +254,5 @@ def batch_statistics_norm(
     >>> [round(v, 4) for v in y[:, 0].tolist()]
     [-1.0, 1.0]
     """
-    y: torch.Tensor = _BatchStatisticsFunction.apply(x, weight, bias, eps)[0]  # type: ignore[no-untyped-call]
+    y: torch.Tensor = _BatchStatisticsFunction.apply(x, weight, bias, eps, nonfinite, all_sum)[0]  # type: ignore[no-untyped-call]
     return y

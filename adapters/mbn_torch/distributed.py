@@ -40,7 +40,6 @@ import mbn_ref as mr
 from mbn_ref.distributed import AllSum
 from mbn_ref.distributed import merge_inference_statistics as _merge_states
 
-from ._function import momentum_batch_norm
 from .modules import _MomentumBatchNorm
 
 __all__ = ["SyncMomentumBatchNorm", "merge_inference_statistics", "process_group_sum"]
@@ -215,47 +214,6 @@ class SyncMomentumBatchNorm(_MomentumBatchNorm):
         if not self.training or _group_size(self.process_group) < 2:
             return None
         return process_group_sum(self.process_group)
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        """Normalize ``input`` with the global batch's statistics (in training).
-
-        Parameters
-        ----------
-        input : torch.Tensor
-            ``(N, C, ...)`` with ``C = num_features``; ``N`` may differ between ranks and
-            may be 0.
-
-        Returns
-        -------
-        torch.Tensor
-            The output, in ``input``'s dtype.
-        """
-        if self.track_running_stats or not self.training:
-            return super().forward(input)
-        all_sum = self._all_sum()
-        if all_sum is None:
-            return super().forward(input)
-        # no statistics to keep: BN with the global batch's statistics, as MBN with lam = 0
-        # on a fresh state that is then dropped. lam is the host number 0 (not a tensor), so
-        # the core rejects a global batch of one value per channel (docs/spec.md §3.5).
-        self._check_input(input, synchronized=True)
-        dtype = input.dtype if self.weight is None else self.weight.dtype
-        state = mr.init_state(self.num_features, xp=txp, dtype=dtype, device=input.device)
-        host_zero = cast(Any, 0.0)
-        y, _ = momentum_batch_norm(
-            input,
-            self.weight,
-            self.bias,
-            state,
-            host_zero,
-            host_zero,
-            training=True,
-            eps=self.eps,
-            estimator="biased",
-            nonfinite=self.nonfinite,
-            all_sum=all_sum,
-        )
-        return y
 
     def extra_repr(self) -> str:
         """As :class:`MomentumBatchNorm2d`'s, with the process group if one is set."""

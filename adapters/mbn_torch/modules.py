@@ -466,7 +466,14 @@ class _MomentumBatchNorm(_DecayNorm):
         all_sum = self._all_sum() if self.training else None
         self._check_input(input, synchronized=all_sum is not None)
         if not self.track_running_stats:
-            return batch_statistics_norm(input, self.weight, self.bias, eps=self.eps)
+            return batch_statistics_norm(
+                input,
+                self.weight,
+                self.bias,
+                eps=self.eps,
+                nonfinite=self.nonfinite,
+                all_sum=all_sum,
+            )
         if self._fused(input, all_sum):
             return self._native(input)
         state = self._state()
