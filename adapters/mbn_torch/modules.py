@@ -126,8 +126,8 @@ class _DecayNorm(nn.Module):
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
-        state = mr.init_state(num_features, xp=txp, dtype=dtype, device=device)
-        for name in ("running_mean", "running_var", "num_batches_tracked"):
+        state = mr.init_bn_state(num_features, xp=txp, dtype=dtype, device=device)
+        for name in mr.BNState._fields:
             self.register_buffer(name, getattr(state, name) if track_running_stats else None)
         # decays in float64 whatever the module's dtype: hyper-parameters, exact as given
         self.register_buffer("inference_decay", torch.zeros((), device=device, dtype=torch.float64))
@@ -179,7 +179,7 @@ class _DecayNorm(nn.Module):
         )
 
     def _state_names(self) -> tuple[str, ...]:
-        return ("running_mean", "running_var", "num_batches_tracked")
+        return mr.BNState._fields
 
     def _tau(self) -> torch.Tensor:
         """The decay of this training step's inference-statistics update (0-d tensor)."""
@@ -238,7 +238,6 @@ class _DecayNorm(nn.Module):
             )  # fmt: skip
         assert self.running_mean is not None and self.running_var is not None
         assert self.num_batches_tracked is not None
-        m = x.numel() // self.num_features
         if not torch.compiler.is_compiling() and not self._host_cumulative.flag(
             self.cumulative_average
         ):
@@ -267,6 +266,7 @@ class _DecayNorm(nn.Module):
             x, self.weight, self.bias, batch_mean, batch_var,
             True, 1.0, self.eps, torch.backends.cudnn.enabled,
         )  # fmt: skip
+        m = x.numel() // self.num_features
         biased = conventions.biased_from_unbiased(batch_var, m)
         state = mr.BNState(self.running_mean, self.running_var, self.num_batches_tracked)
         new = mr.update_running_statistics(
