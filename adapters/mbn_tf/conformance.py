@@ -30,9 +30,9 @@ synchronized steps        one replica layer per shard, on threads
 
 Not declared, and why: the cumulative average (``decay=None``, ``tau=None``; Keras keeps no
 batch counter, so the layers have none), and the refusal of a batch of one value per channel
-(Keras normalizes it to ``beta``, its variance being 0, and so do the layers). There is no
-scheduled step: ``mbn_tf`` has no scheduler callback yet (``mbn_tf.callbacks``), so the
-``schedule/*`` checks are skipped.
+(Keras normalizes it to ``beta``, its variance being 0, and so do the layers). The
+``schedule/*`` checks run the callback :class:`mbn_tf.MomentumScheduler` through Keras'
+callback hooks (:meth:`KerasLayersAdapter.scheduled_train_step`).
 
 The synchronized cases run the layers' own training path with a collective among threads,
 in one process; the ``tf.distribute`` path of the same hook (``synchronized=True``) is not
