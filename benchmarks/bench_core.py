@@ -36,13 +36,13 @@ native torch (target at most 3), ``np/onnx`` ours on NumPy over the ONNX evaluat
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import bench_cli  # type: ignore[import-not-found]  # sibling script module
 import numpy as np
 from bench_timing import (  # type: ignore[import-not-found]  # sibling script module
     environment_header,
@@ -134,8 +134,12 @@ def native_contender(inp: Inputs, mode: str) -> Callable[[], Any]:
     import torch
 
     c = inp.shape[1]
-    classes: dict[int, Any] = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d,
-                               4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}
+    classes: dict[int, Any] = {
+        2: torch.nn.BatchNorm1d,
+        3: torch.nn.BatchNorm1d,
+        4: torch.nn.BatchNorm2d,
+        5: torch.nn.BatchNorm3d,
+    }
     if len(inp.shape) not in classes:
         raise ValueError(f"no torch.nn.BatchNorm*d for input of rank {len(inp.shape)}")
     cls = classes[len(inp.shape)]
@@ -173,7 +177,8 @@ def ours_contender(inp: Inputs, mode: str, algo: str, lib: str) -> Callable[[], 
 
     c = inp.shape[1]
     arrays: tuple[Any, ...] = (
-        (inp.x, inp.dy, inp.gamma, inp.beta, np) if lib == "numpy"
+        (inp.x, inp.dy, inp.gamma, inp.beta, np)
+        if lib == "numpy"
         else (inp.tx, inp.tdy, inp.tgamma, inp.tbeta, torch)
     )
     x, dy, gamma, beta, xp = arrays
@@ -182,16 +187,26 @@ def ours_contender(inp: Inputs, mode: str, algo: str, lib: str) -> Callable[[], 
         state: Any = mr.init_bn_state(c, xp=xp, dtype=xp.float32)
 
         def fwd() -> Any:
-            return mr.bn_forward(x, state, gamma, beta, decay=DECAY, eps=EPS,
-                                 training=training, estimator="unbiased")
+            return mr.bn_forward(
+                x, state, gamma, beta, decay=DECAY, eps=EPS, training=training, estimator="unbiased"
+            )
 
         bwd = mr.bn_backward
     else:
         state = mr.init_state(c, xp=xp, dtype=xp.float32)
 
         def fwd() -> Any:
-            return mr.mbn_forward(x, state, gamma, beta, lam=LAM, tau=TAU, eps=EPS,
-                                  training=training, estimator="unbiased")
+            return mr.mbn_forward(
+                x,
+                state,
+                gamma,
+                beta,
+                lam=LAM,
+                tau=TAU,
+                eps=EPS,
+                training=training,
+                estimator="unbiased",
+            )
 
         bwd = mr.mbn_backward
     if mode != "train_forward_backward":
@@ -220,23 +235,35 @@ def onnx_contenders(inp: Inputs, mode: str) -> dict[str, Callable[[], Any]]:
     c = shape[1]
     outputs = ["Y", "running_mean", "running_var"] if training else ["Y"]
     node = helper.make_node(
-        "BatchNormalization", ["X", "scale", "B", "input_mean", "input_var"], outputs,
-        epsilon=EPS, momentum=DECAY, training_mode=int(training),
+        "BatchNormalization",
+        ["X", "scale", "B", "input_mean", "input_var"],
+        outputs,
+        epsilon=EPS,
+        momentum=DECAY,
+        training_mode=int(training),
     )
     f32 = TensorProto.FLOAT
     graph = helper.make_graph(
-        [node], "bn",
+        [node],
+        "bn",
         [helper.make_tensor_value_info("X", f32, shape)]
-        + [helper.make_tensor_value_info(n, f32, [c])
-           for n in ("scale", "B", "input_mean", "input_var")],
+        + [
+            helper.make_tensor_value_info(n, f32, [c])
+            for n in ("scale", "B", "input_mean", "input_var")
+        ],
         [helper.make_tensor_value_info("Y", f32, shape)]
         + [helper.make_tensor_value_info(n, f32, [c]) for n in outputs[1:]],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
     onnx.checker.check_model(model)
     sess = ReferenceEvaluator(model)
-    feeds = {"X": inp.x, "scale": inp.gamma, "B": inp.beta,
-             "input_mean": inp.mean0, "input_var": inp.var0}
+    feeds = {
+        "X": inp.x,
+        "scale": inp.gamma,
+        "B": inp.beta,
+        "input_mean": inp.mean0,
+        "input_var": inp.var0,
+    }
 
     def evaluator() -> Any:
         return sess.run(None, feeds)
@@ -245,12 +272,14 @@ def onnx_contenders(inp: Inputs, mode: str) -> dict[str, Callable[[], Any]]:
 
         def op() -> Any:
             return op_bn._batchnorm_training_mode(
-                inp.x, inp.gamma, inp.beta, inp.mean0, inp.var0, DECAY, EPS)
+                inp.x, inp.gamma, inp.beta, inp.mean0, inp.var0, DECAY, EPS
+            )
     else:
 
         def op() -> Any:
             return op_bn._batchnorm_test_mode(
-                inp.x, inp.gamma, inp.beta, inp.mean0, inp.var0, epsilon=EPS)
+                inp.x, inp.gamma, inp.beta, inp.mean0, inp.var0, epsilon=EPS
+            )
 
     return {"onnx_evaluator": evaluator, "onnx_op": op}
 
@@ -273,6 +302,7 @@ def _np(a: Any) -> np.ndarray:
 
 def agreement(results: dict[str, Any], mode: str) -> dict[str, float]:
     """Max abs differences that show the contenders compute the same thing (not timed)."""
+
     def y_of(name: str) -> np.ndarray:
         r = results[name]
         if name == "torch_native":
@@ -288,14 +318,17 @@ def agreement(results: dict[str, Any], mode: str) -> dict[str, float]:
             if name in results:
                 checks[f"y:{name}-torch_native"] = float(np.max(np.abs(y_of(name) - ref)))
         checks["y:mbn_torch-mbn_numpy"] = float(
-            np.max(np.abs(y_of("mbn_torch") - y_of("mbn_numpy"))))
+            np.max(np.abs(y_of("mbn_torch") - y_of("mbn_numpy")))
+        )
     else:
         ref_dx = _np(results["torch_native"][0])
         for name in ("bn_numpy", "bn_torch"):
             checks[f"dx:{name}-torch_native"] = float(
-                np.max(np.abs(_np(results[name][1][0]) - ref_dx)))
-        checks["dx:mbn_torch-mbn_numpy"] = float(np.max(np.abs(
-            _np(results["mbn_torch"][1][0]) - _np(results["mbn_numpy"][1][0]))))
+                np.max(np.abs(_np(results[name][1][0]) - ref_dx))
+            )
+        checks["dx:mbn_torch-mbn_numpy"] = float(
+            np.max(np.abs(_np(results["mbn_torch"][1][0]) - _np(results["mbn_numpy"][1][0])))
+        )
     return checks
 
 
@@ -303,14 +336,20 @@ def agreement(results: dict[str, Any], mode: str) -> dict[str, float]:
 
 
 def run_case(
-    shape: tuple[int, ...], mode: str, *, rounds: int, warmup: int, min_sample_s: float,
+    shape: tuple[int, ...],
+    mode: str,
+    *,
+    rounds: int,
+    warmup: int,
+    min_sample_s: float,
     seed: int,
 ) -> dict[str, Any]:
     inp = Inputs(shape, seed)
     contenders = build_contenders(inp, mode)
     checks = agreement({k: f() for k, f in contenders.items()}, mode)
-    timings = time_interleaved(contenders, rounds=rounds, warmup=warmup,
-                               min_sample_s=min_sample_s, seed=seed)
+    timings = time_interleaved(
+        contenders, rounds=rounds, warmup=warmup, min_sample_s=min_sample_s, seed=seed
+    )
     ratios: dict[str, Any] = {}
     targets: dict[str, Any] = {}
     for name, num, den, limit in RATIOS:
@@ -346,9 +385,11 @@ def _fmt_ratio(case: dict[str, Any], name: str) -> str:
 
 def table(cases: Sequence[dict[str, Any]]) -> str:
     """A Markdown table: one row per shape, mode and algorithm (BN, MBN)."""
-    head = ("| shape | mode | algo | native ms | ours np ms | ours torch ms | onnx eval ms "
-            "| onnx op ms | np/native (<=4) | torch/native (<=3) | np/onnx eval (<1) "
-            "| np/onnx op |")
+    head = (
+        "| shape | mode | algo | native ms | ours np ms | ours torch ms | onnx eval ms "
+        "| onnx op ms | np/native (<=4) | torch/native (<=3) | np/onnx eval (<1) "
+        "| np/onnx op |"
+    )
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for case in cases:
         c = case["contenders"]
@@ -397,22 +438,24 @@ def validate_report(report: dict[str, Any]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true",
-                   help="tiny shapes, 1 round, no warm-up or calibration (smoke test)")
-    p.add_argument("--repeats", type=int, default=None,
-                   help="timed rounds per case (default 11; 1 with --quick)")
-    p.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"default {DEFAULT_JSON}")
-    p.add_argument("--shapes", type=parse_shape, nargs="+", default=None,
-                   help="e.g. 32x64x32x32 256x1024 (N, C, ...; channels on axis 1)")
+    p = bench_cli.parser(__doc__)
+    bench_cli.add_timing_arguments(
+        p, DEFAULT_JSON, "tiny shapes, 1 round, no warm-up or calibration (smoke test)"
+    )
+    p.add_argument(
+        "--shapes",
+        type=parse_shape,
+        nargs="+",
+        default=None,
+        help="e.g. 32x64x32x32 256x1024 (N, C, ...; channels on axis 1)",
+    )
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    p.add_argument("--min-sample-ms", type=float, default=None,
-                   help="a sample's minimum length; loops are calibrated to it (default 50)")
-    p.add_argument("--warmup", type=int, default=None, help="calls per contender before timing")
-    p.add_argument("--torch-threads", type=int, default=None,
-                   help="torch.set_num_threads before timing (default: leave torch's choice)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads before timing (default: leave torch's choice)",
+    )
     args = p.parse_args(argv)
 
     import torch
@@ -420,43 +463,53 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.torch_threads is not None:
         torch.set_num_threads(args.torch_threads)
     shapes = args.shapes or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
-    rounds = args.repeats if args.repeats is not None else (1 if args.quick else 11)
-    if rounds < 1:
-        p.error("--repeats must be at least 1")
-    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
-    min_sample_s = (args.min_sample_ms if args.min_sample_ms is not None
-                    else (0.0 if args.quick else 50.0)) / 1e3
-    settings = {"quick": args.quick, "rounds": rounds, "warmup": warmup,
-                "min_sample_ms": min_sample_s * 1e3, "seed": args.seed, "dtype": "float32",
-                "shapes": [list(s) for s in shapes], "modes": args.modes,
-                "lam": LAM, "tau": TAU, "decay": DECAY, "eps": EPS,
-                "torch_threads_arg": args.torch_threads}
+    t = bench_cli.timing(args)
+    settings = {
+        **t.settings(args.quick, args.seed),
+        "dtype": "float32",
+        "shapes": [list(s) for s in shapes],
+        "modes": args.modes,
+        "lam": LAM,
+        "tau": TAU,
+        "decay": DECAY,
+        "eps": EPS,
+        "torch_threads_arg": args.torch_threads,
+    }
     header = environment_header(
-        ["numpy", "torch", "onnx", "array_api_compat", "mbn_ref"], settings, str(REPO))
-    print(f"torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}, "
-          f"load {header['load_average_start']}, {rounds} rounds", file=sys.stderr)
+        ["numpy", "torch", "onnx", "array_api_compat", "mbn_ref"], settings, str(REPO)
+    )
+    print(
+        f"torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}, "
+        f"load {header['load_average_start']}, {t.rounds} rounds",
+        file=sys.stderr,
+    )
     cases = []
     for shape in shapes:
         for mode in args.modes:
             print(f"  timing {'x'.join(map(str, shape))} {mode} ...", file=sys.stderr)
-            cases.append(run_case(shape, mode, rounds=rounds, warmup=warmup,
-                                  min_sample_s=min_sample_s, seed=args.seed))
+            cases.append(
+                run_case(
+                    shape,
+                    mode,
+                    rounds=t.rounds,
+                    warmup=t.warmup,
+                    min_sample_s=t.min_sample_s,
+                    seed=args.seed,
+                )
+            )
     header["load_average_end"] = load_average()
     header["busy_at_end"] = machine_busy()
     header["mbn_ref_file"] = mr.__file__
     report = {"schema": SCHEMA, "header": header, "cases": cases}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=1) + "\n")
-    print(table(cases))
-    print(f"\nJSON: {args.json}  (load average {header['load_average_start']} -> "
-          f"{header['load_average_end']})")
-    if header["busy_at_start"] or header["busy_at_end"]:
-        print("note: the machine was busy (load average above half the CPUs); torch's thread "
-              "pool suffers most from that; rerun quietly, or compare with --torch-threads 1")
-    problems = validate_report(report)
-    for msg in problems:
-        print(f"warning: {msg}", file=sys.stderr)
-    return 1 if problems else 0
+    bench_cli.write_json(report, args.json)
+    return bench_cli.finish(
+        report,
+        args.json,
+        table(cases),
+        validate_report(report),
+        "; torch's thread pool suffers most from that; rerun quietly, or compare with "
+        "--torch-threads 1",
+    )
 
 
 if __name__ == "__main__":

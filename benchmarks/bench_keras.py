@@ -53,6 +53,7 @@ if "--backend-run" not in sys.argv:
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import bench_cli  # type: ignore[import-not-found]  # sibling module
 import keras
 import numpy as np
 from bench_timing import (  # type: ignore[import-not-found]  # sibling module
@@ -407,27 +408,15 @@ def _jax_subprocess(argv: Sequence[str]) -> tuple[list[dict[str, Any]], str | No
 
 def main(argv: Sequence[str] | None = None) -> int:
     raw = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--quick", action="store_true", help="tiny shapes, 1 round (smoke test)")
-    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 11)")
-    p.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"default {DEFAULT_JSON}")
+    p = bench_cli.parser(__doc__)
+    bench_cli.add_timing_arguments(p, DEFAULT_JSON, "tiny shapes, 1 round (smoke test)")
     p.add_argument("--cases", nargs="+", choices=[c.name for c in CASES], default=None)
     p.add_argument("--no-jax", action="store_true", help="do not time the JAX backend")
     p.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
-    p.add_argument("--min-sample-ms", type=float, default=None, help="default 50 (0 quick)")
-    p.add_argument("--warmup", type=int, default=None, help="calls per contender before timing")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend-run", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(raw)
-    args.rounds = args.repeats if args.repeats is not None else (1 if args.quick else 11)
-    if args.rounds < 1:
-        p.error("--repeats must be at least 1")
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
-    args.min_sample_s = (
-        args.min_sample_ms if args.min_sample_ms is not None else (0.0 if args.quick else 50.0)
-    ) / 1e3
+    t = bench_cli.timing(args)
+    args.rounds, args.warmup, args.min_sample_s = t.rounds, t.warmup, t.min_sample_s
     backend = keras.backend.backend()
     if backend not in MODES:
         p.error(f"KERAS_BACKEND={backend!r}: expected tensorflow (jax runs in a subprocess)")
@@ -439,11 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     chosen = args.cases or [c.name for c in CASES]
     cases = [case for case in pool if case.name in chosen]
     settings = {
-        "quick": args.quick,
-        "rounds": args.rounds,
-        "warmup": args.warmup,
-        "min_sample_ms": args.min_sample_s * 1e3,
-        "seed": args.seed,
+        **t.settings(args.quick, args.seed),
         "dtype": "float32",
         "threads": args.threads,
         "cases": {c.name: {"bn": list(c.bn_shape), "input": list(c.input_shape)} for c in cases},
@@ -484,21 +469,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     header["mbn_ref_file"] = mbn_ref.__file__
     header["mbn_tf_file"] = mbn_tf.__file__
     report = {"schema": SCHEMA, "header": header, "cases": results}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=1) + "\n")
+    bench_cli.write_json(report, args.json)
     if args.backend_run:
         return 0
-    print(table(results))
-    print(
-        f"\nJSON: {args.json}  (load average {header['load_average_start']} -> "
-        f"{header['load_average_end']}; backends {header['backends']})"
+    return bench_cli.finish(
+        report,
+        args.json,
+        table(results),
+        validate_report(report),
+        ": rerun quietly",
+        extra=f"; backends {header['backends']}",
     )
-    if header["busy_at_start"] or header["busy_at_end"]:
-        print("note: the machine was busy (load average above half the CPUs): rerun quietly")
-    problems = validate_report(report)
-    for msg in problems:
-        print(f"warning: {msg}", file=sys.stderr)
-    return 1 if problems else 0
 
 
 def _version(name: str) -> str | None:

@@ -163,8 +163,18 @@ def numpy_blas_info() -> dict[str, Any]:
     else:
         info["source"] = "threadpoolctl"
         info["threadpools"] = [
-            {k: p.get(k) for k in ("user_api", "internal_api", "num_threads", "version",
-                                   "threading_layer", "architecture", "prefix")}
+            {
+                k: p.get(k)
+                for k in (
+                    "user_api",
+                    "internal_api",
+                    "num_threads",
+                    "version",
+                    "threading_layer",
+                    "architecture",
+                    "prefix",
+                )
+            }
             for p in threadpool_info()
         ]
         return info
@@ -189,7 +199,10 @@ def _git_commit(repo: str) -> str | None:
     try:
         out = subprocess.run(
             ["git", "-C", repo, "rev-parse", "--short", "HEAD"],
-            capture_output=True, text=True, timeout=10, check=False,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
         )
     except (OSError, subprocess.SubprocessError):
         return None
@@ -197,7 +210,10 @@ def _git_commit(repo: str) -> str | None:
         return None
     dirty = subprocess.run(
         ["git", "-C", repo, "status", "--porcelain", "--untracked-files=no"],
-        capture_output=True, text=True, timeout=10, check=False,
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=False,
     ).stdout.strip()
     return out.stdout.strip() + ("-dirty" if dirty else "")
 

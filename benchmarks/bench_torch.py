@@ -48,8 +48,6 @@ nothing asserts them.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import time
@@ -60,6 +58,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import bench_cli  # type: ignore[import-not-found]  # sibling script module
 import torch
 from bench_timing import (  # type: ignore[import-not-found]  # sibling script module
     environment_header,
@@ -526,19 +525,10 @@ def validate_report(report: dict[str, Any]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    p = bench_cli.parser(__doc__)
+    bench_cli.add_timing_arguments(
+        p, DEFAULT_JSON, "tiny shapes, 1 round, no calibration (smoke test)"
     )
-    p.add_argument(
-        "--quick", action="store_true", help="tiny shapes, 1 round, no calibration (smoke test)"
-    )
-    p.add_argument(
-        "--repeats",
-        type=int,
-        default=None,
-        help="timed rounds per case (default 11; 1 with --quick)",
-    )
-    p.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"default {DEFAULT_JSON}")
     names = [c.name for c in CASES]
     p.add_argument(
         "--cases",
@@ -551,22 +541,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    p.add_argument(
-        "--min-sample-ms",
-        type=float,
-        default=None,
-        help="a sample's minimum length; loops are calibrated to it (default 50)",
-    )
-    p.add_argument("--warmup", type=int, default=None, help="calls per contender before timing")
-    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible to torch")
     if not (args.device == "cpu" or args.device.startswith("cuda")):
         p.error(f"--device {args.device!r}: expected cpu or cuda[:N]")
-    rounds = args.repeats if args.repeats is not None else (1 if args.quick else 11)
-    if rounds < 1:
-        p.error("--repeats must be at least 1")
+    t = bench_cli.timing(args)
+    rounds, warmup, min_sample_s = t.rounds, t.warmup, t.min_sample_s
     warnings.filterwarnings("ignore", message=".*functools.lru_cache.*")  # dynamo, on the core
 
     torch.set_num_threads(args.threads)
@@ -574,16 +555,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     pool = QUICK_CASES if args.quick else CASES
     chosen = args.cases or names
     cases = [case for case, name in zip(pool, names, strict=True) if name in chosen]
-    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
-    min_sample_s = (
-        args.min_sample_ms if args.min_sample_ms is not None else (0.0 if args.quick else 50.0)
-    ) / 1e3
     settings = {
-        "quick": args.quick,
-        "rounds": rounds,
-        "warmup": warmup,
-        "min_sample_ms": min_sample_s * 1e3,
-        "seed": args.seed,
+        **t.settings(args.quick, args.seed),
         "dtype": args.dtype,
         "device": args.device,
         "threads": args.threads,
@@ -626,19 +599,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     header["mbn_ref_file"] = mbn_ref.__file__
     header["mbn_torch_file"] = mbn_torch.__file__
     report = {"schema": SCHEMA, "header": header, "cases": results}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=1) + "\n")
-    print(table(results))
-    print(
-        f"\nJSON: {args.json}  (load average {header['load_average_start']} -> "
-        f"{header['load_average_end']})"
+    bench_cli.write_json(report, args.json)
+    return bench_cli.finish(
+        report, args.json, table(results), validate_report(report), ": rerun quietly"
     )
-    if header["busy_at_start"] or header["busy_at_end"]:
-        print("note: the machine was busy (load average above half the CPUs): rerun quietly")
-    problems = validate_report(report)
-    for msg in problems:
-        print(f"warning: {msg}", file=sys.stderr)
-    return 1 if problems else 0
 
 
 if __name__ == "__main__":

@@ -97,14 +97,22 @@ def profile_paths(shape: tuple[int, ...], calls: int, top: int) -> dict[str, Any
                 stats = pstats.Stats(prof)
                 rows = []
                 for (file, line, func), (_cc, nc, tt, ct, _) in stats.stats.items():  # type: ignore[attr-defined]
-                    rows.append({"function": f"{Path(file).name}:{line}({func})",
-                                 "ncalls_per_step": nc / calls, "tottime_ms_per_step":
-                                 tt / calls * 1e3, "cumtime_ms_per_step": ct / calls * 1e3})
+                    rows.append(
+                        {
+                            "function": f"{Path(file).name}:{line}({func})",
+                            "ncalls_per_step": nc / calls,
+                            "tottime_ms_per_step": tt / calls * 1e3,
+                            "cumtime_ms_per_step": ct / calls * 1e3,
+                        }
+                    )
                 rows.sort(key=lambda r: -r["tottime_ms_per_step"])
                 total = sum(r["tottime_ms_per_step"] for r in rows)
-                compat = sum(r["ncalls_per_step"] for r in rows
-                             if "array_api_compat" in r["function"]
-                             or r["function"].startswith(("_aliases.py", "_helpers.py")))
+                compat = sum(
+                    r["ncalls_per_step"]
+                    for r in rows
+                    if "array_api_compat" in r["function"]
+                    or r["function"].startswith(("_aliases.py", "_helpers.py"))
+                )
                 text = io.StringIO()
                 pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(top)
                 out[f"{algo}_{lib}_{part}"] = {
@@ -159,11 +167,18 @@ def numpy_groups(shape: tuple[int, ...]) -> dict[str, Group]:
         "batch moments, whole step (mean, centered, var)": {
             "core: mean; x-mean; mean(c*c)": lambda: (
                 lambda mu: (lambda cen: (mu, np.mean(cen * cen, axis=axes), cen))(
-                    x - mu.reshape(bshape)))(np.mean(x, axis=axes)),
+                    x - mu.reshape(bshape)
+                )
+            )(np.mean(x, axis=axes)),
             "reshape-sum mean; x-mean; vecdot": lambda: (
-                lambda mu: (lambda cen: (mu, np.vecdot(cen.reshape(n, c, -1),
-                                                       cen.reshape(n, c, -1)).sum(0) / m, cen))(
-                    x - mu.reshape(bshape)))(x3.sum(axis=2).sum(axis=0) / m),
+                lambda mu: (
+                    lambda cen: (
+                        mu,
+                        np.vecdot(cen.reshape(n, c, -1), cen.reshape(n, c, -1)).sum(0) / m,
+                        cen,
+                    )
+                )(x - mu.reshape(bshape))
+            )(x3.sum(axis=2).sum(axis=0) / m),
         },
         "affine: centered*scale + offset": {
             "c*scale + offset (2 temporaries) [core]": lambda: centered * scale_b + offset_b,
@@ -171,38 +186,41 @@ def numpy_groups(shape: tuple[int, ...]) -> dict[str, Group]:
         },
         "final cast to the input dtype (same dtype)": {
             "xp.astype(y, float32) [core, copies]": lambda: xp.astype(centered, xp.float32),
-            "xp.astype(y, float32, copy=False)": lambda: xp.astype(centered, xp.float32,
-                                                                   copy=False),
+            "xp.astype(y, float32, copy=False)": lambda: xp.astype(
+                centered, xp.float32, copy=False
+            ),
         },
         "backward, whole step (BN, gamma given)": {
             "core normalize_backward": lambda: _core_backward_np(dy, x, mean, rstd, m),
             "fused: centered once, vecdot, in-place": lambda: _fused_backward_np(
-                dy, x, mean, rstd, m),
+                dy, x, mean, rstd, m
+            ),
         },
         "sum(dy*xhat) [backward]": {
             "sum(dy*((x-mean)*rstd)) [core]": lambda: np.sum(
-                dy * ((x - mean_b) * rstd.reshape(bshape)), axis=axes),
-            "rstd*vecdot(dy3, c3).sum(0) (centered kept)": lambda: rstd * np.vecdot(
-                dy3, c3).sum(0),
+                dy * ((x - mean_b) * rstd.reshape(bshape)), axis=axes
+            ),
+            "rstd*vecdot(dy3, c3).sum(0) (centered kept)": lambda: rstd * np.vecdot(dy3, c3).sum(0),
         },
     }
     return groups
 
 
-def _core_backward_np(dy: np.ndarray, x: np.ndarray, mean: np.ndarray, rstd: np.ndarray,
-                      m: int) -> np.ndarray:
+def _core_backward_np(
+    dy: np.ndarray, x: np.ndarray, mean: np.ndarray, rstd: np.ndarray, m: int
+) -> np.ndarray:
     from mbn_ref import _kernels
 
     xp = array_api_compat.array_namespace(x)
     gamma = np.full_like(mean, 1.5)
     axes = (0, *range(2, x.ndim))
-    dx, _, _ = _kernels.normalize_backward(xp, dy, x, 1, axes, mean, rstd, gamma, 1.0,
-                                           mean, m)
+    dx, _, _ = _kernels.normalize_backward(xp, dy, x, 1, axes, mean, rstd, gamma, 1.0, mean, m)
     return np.asarray(dx)
 
 
-def _fused_backward_np(dy: np.ndarray, x: np.ndarray, mean: np.ndarray, rstd: np.ndarray,
-                       m: int) -> np.ndarray:
+def _fused_backward_np(
+    dy: np.ndarray, x: np.ndarray, mean: np.ndarray, rstd: np.ndarray, m: int
+) -> np.ndarray:
     """Same dx as the core (BN, w=1, mean = mu_B) with 1 temporary besides dx.
 
     ``dx = scale*dy - k1*xhat - k0`` with ``xhat = (x - mean)*rstd`` is
@@ -281,16 +299,15 @@ def torch_groups(shape: tuple[int, ...]) -> dict[str, Group]:
             "astype(..., copy=False)": lambda: cxp.astype(centered, torch.float32, copy=False),
         },
         "torch whole BN forward, for scale": {
-            "mr.bn_forward on tensors [core]": lambda: mr.bn_forward(
-                t, None, w, b, eps=EPS),
-            "torch.nn.functional.batch_norm(training=True)": lambda: (
-                torch.nn.functional.batch_norm(t, None, None, w, b, True, 0.1, EPS)),
+            "mr.bn_forward on tensors [core]": lambda: mr.bn_forward(t, None, w, b, eps=EPS),
+            "torch.nn.functional.batch_norm(training=True)": lambda: torch.nn.functional.batch_norm(
+                t, None, None, w, b, True, 0.1, EPS
+            ),
         },
         "compat wrapper per-call overhead (tiny 2x3x1x1 tensor)": {
             "array_api_compat.torch.mean(axis=(0,2,3))": lambda: cxp.mean(tiny, axis=(0, 2, 3)),
             "torch.mean(dim=(0,2,3))": lambda: torch.mean(tiny, dim=(0, 2, 3)),
-            "array_namespace(x, gamma, beta)": lambda: array_api_compat.array_namespace(
-                tiny, g, g),
+            "array_namespace(x, gamma, beta)": lambda: array_api_compat.array_namespace(tiny, g, g),
         },
     }
 
@@ -317,8 +334,9 @@ def _agree(a: Any, b: Any) -> bool:
     return True  # mixed result kinds (e.g. whole-forward tuples): not compared
 
 
-def run_groups(groups: dict[str, Group], *, rounds: int, min_sample_s: float,
-               check: bool = True) -> dict[str, Any]:
+def run_groups(
+    groups: dict[str, Group], *, rounds: int, min_sample_s: float, check: bool = True
+) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for title, group in groups.items():
         names = list(group)
@@ -327,16 +345,21 @@ def run_groups(groups: dict[str, Group], *, rounds: int, min_sample_s: float,
         timings = time_interleaved(group, rounds=rounds, warmup=2, min_sample_s=min_sample_s)
         base = timings[names[0]]
         out[title] = {
-            k: {"median_ms": timings[k].median_s * 1e3,
+            k: {
+                "median_ms": timings[k].median_s * 1e3,
                 "ratio_to_first": paired_ratio(timings[k], base)["median"],
-                "iqr_rel": timings[k].iqr_rel, "agrees_with_first": agrees.get(k)}
+                "iqr_rel": timings[k].iqr_rel,
+                "agrees_with_first": agrees.get(k),
+            }
             for k in names
         }
         print(f"\n{title}", file=sys.stderr)
         for k, v in out[title].items():
-            print(f"  {v['median_ms']:9.4f} ms  x{v['ratio_to_first']:5.2f}  {k}"
-                  f"{'' if v['agrees_with_first'] in (True, None) else '  (DISAGREES)'}",
-                  file=sys.stderr)
+            print(
+                f"  {v['median_ms']:9.4f} ms  x{v['ratio_to_first']:5.2f}  {k}"
+                f"{'' if v['agrees_with_first'] in (True, None) else '  (DISAGREES)'}",
+                file=sys.stderr,
+            )
     return out
 
 
@@ -361,21 +384,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     rounds = args.repeats or (1 if args.quick else 11)
     calls = args.calls or (2 if args.quick else 20)
     min_sample_s = 0.0 if args.quick else 0.05
-    header = environment_header(["numpy", "torch", "array_api_compat", "mbn_ref"],
-                                {"shape": list(shape), "rounds": rounds, "calls": calls},
-                                str(REPO))
+    header = environment_header(
+        ["numpy", "torch", "array_api_compat", "mbn_ref"],
+        {"shape": list(shape), "rounds": rounds, "calls": calls},
+        str(REPO),
+    )
     header["mbn_ref_file"] = mr.__file__
     print(f"profiling {shape}; torch threads {torch.get_num_threads()}", file=sys.stderr)
     prof = profile_paths(shape, calls, args.top)
     for key, v in prof.items():
-        print(f"{key:22s} {v['total_ms_per_step']:8.3f} ms/step (profiled), "
-              f"{v['function_calls_per_step']:.0f} Python calls, "
-              f"{v['array_api_compat_calls_per_step']:.0f} in array-api-compat", file=sys.stderr)
+        print(
+            f"{key:22s} {v['total_ms_per_step']:8.3f} ms/step (profiled), "
+            f"{v['function_calls_per_step']:.0f} Python calls, "
+            f"{v['array_api_compat_calls_per_step']:.0f} in array-api-compat",
+            file=sys.stderr,
+        )
         for r in v["top"][:6]:
-            print(f"    {r['tottime_ms_per_step']:8.3f} ms  x{r['ncalls_per_step']:.0f}  "
-                  f"{r['function']}", file=sys.stderr)
-    experiments = run_groups({**numpy_groups(shape), **torch_groups(shape)},
-                             rounds=rounds, min_sample_s=min_sample_s)
+            print(
+                f"    {r['tottime_ms_per_step']:8.3f} ms  x{r['ncalls_per_step']:.0f}  "
+                f"{r['function']}",
+                file=sys.stderr,
+            )
+    experiments = run_groups(
+        {**numpy_groups(shape), **torch_groups(shape)}, rounds=rounds, min_sample_s=min_sample_s
+    )
     report = {"schema": SCHEMA, "header": header, "profile": prof, "experiments": experiments}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=1) + "\n")

@@ -15,7 +15,9 @@ import pytest
 
 import mbn_ref
 from mbn_ref import cli
+from mbn_ref.cli import _main as cli_main
 from mbn_ref.cli import main
+from mbn_ref.cli import schedule as schedule_cmd
 from mbn_ref.conventions import update_rate_from_decay
 from mbn_ref.schedules import mbn_lambda, mbn_tau
 
@@ -111,7 +113,7 @@ def test_schedule_json_unwritable(
 def _count_lam_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Make every Eq. 11 evaluation of the command append its epoch to the returned list."""
     calls: list[int] = []
-    real = cli.mbn_lambda_schedule
+    real = schedule_cmd.mbn_lambda_schedule
 
     def counting(*args: Any, **kwargs: Any) -> Callable[[float], float]:
         schedule = real(*args, **kwargs)
@@ -122,7 +124,7 @@ def _count_lam_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
         return wrapped
 
-    monkeypatch.setattr(cli, "mbn_lambda_schedule", counting)
+    monkeypatch.setattr(schedule_cmd, "mbn_lambda_schedule", counting)
     return calls
 
 
@@ -257,9 +259,9 @@ PLUGIN = "mbn_ref_test_plugin_xyz"
 
 def _with_entry_points(monkeypatch: pytest.MonkeyPatch, **eps: str) -> None:
     """The installed entry points of the subcommand group plus ``name=value`` ones."""
-    real = cli._entry_points
+    real = cli_main._entry_points
     extra = [importlib.metadata.EntryPoint(n, v, cli.COMMAND_GROUP) for n, v in eps.items()]
-    monkeypatch.setattr(cli, "_entry_points", lambda: [*real(), *extra])
+    monkeypatch.setattr(cli_main, "_entry_points", lambda: [*real(), *extra])
 
 
 def _plugin_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str) -> None:
@@ -404,3 +406,72 @@ def test_noise_usage_errors_exit_2_and_print_nothing(
     assert main(argv) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and "error" in captured.err
+
+
+def test_noise_lists_are_comma_separated(capsys: pytest.CaptureFixture[str]) -> None:
+    """The project's list syntax (``--lam 0,0.5``); the older space-separated form still works."""
+    assert main(["noise", "--batch-size", "4", "--lam", "0,0.5,0.9", "--json", "-"]) == 0
+    commas = json.loads(capsys.readouterr().out)
+    assert [r["lam"] for r in commas["rows"]] == [0.0, 0.5, 0.9]
+    assert main(["noise", "--batch-size", "4", "--lam", "0", "0.5,0.9", "--json", "-"]) == 0
+    assert json.loads(capsys.readouterr().out) == commas
+    assert main(["noise", "--batch-size", "4", "--lam", "0,x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mbn-ref noise: error:") and "comma-separated numbers" in err
+
+
+# -- conventions shared by every command --------------------------------------------------------
+
+
+def test_top_level_help_documents_exit_statuses_and_examples(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out and "exit status (every command):" in out
+    block = out[out.index("exit status (every command):") :]
+    for code in ("0", "1", "2"):
+        assert f"\n  {code}  " in block
+    for command in ("schedule", "noise", "bench", "conformance", "reproduce"):
+        assert f"mbn-ref {command}" in out
+    assert "--json PATH" in out and "'-'" in out
+
+
+@pytest.mark.parametrize("command", ["schedule", "noise", "bench", "conformance"])
+def test_every_command_help_has_examples_and_exit_statuses(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "\nexamples:\n" in out and "\nexit status:\n" in out
+    examples = out[out.index("\nexamples:\n") : out.index("\nexit status:\n")]
+    assert examples.count(f"  mbn-ref {command} ") >= 2
+    statuses = out[out.index("\nexit status:\n") :].splitlines()
+    assert [ln[:5] for ln in statuses if ln[:5].strip().isdigit()] == ["  0  ", "  1  ", "  2  "]
+    assert "--json" in out  # data commands write JSON ...
+    assert "'-'" in out  # ... with '-' for stdout
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["noise", "--batch-size", "2", "--json", "{missing}/n.json"],
+        ["schedule", "--batch-size", "2", "--epochs", "3", "--plot", "{missing}/p.png"],
+        ["bench", "--suite", "nope"],
+        ["bench", "--from-json", "{missing}/report.json", "--out", "{missing}/out"],
+        ["bench", "--from-json", "{tmp}/r.json", "--out", "{missing}/out"],
+        ["conformance", "--backend", "numpy", "--cases", ","],
+    ],
+)
+def test_usage_errors_name_their_command(
+    argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "r.json").write_text('{"schema": "mbn-ref/bench-core/1", "cases": []}')
+    missing = tmp_path / "missing"
+    argv = [a.format(missing=missing, tmp=tmp_path) for a in argv]
+    assert main(argv) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]  # nothing created
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"mbn-ref {argv[0]}: error: "), captured.err
+    assert captured.out == "" and "Traceback" not in captured.err

@@ -354,7 +354,12 @@ def test_properties_join_the_report(capsys: pytest.CaptureFixture[str]) -> None:
 def test_properties_write_nothing_into_the_working_directory(tmp_path: Path) -> None:
     """Neither hypothesis' example database nor its constants cache (.hypothesis/constants)."""
     out = _console_script(
-        "conformance", "--backend", "numpy", "--properties", "--cases", "property/*",
+        "conformance",
+        "--backend",
+        "numpy",
+        "--properties",
+        "--cases",
+        "property/*",
         cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr + out.stdout
@@ -401,3 +406,28 @@ def test_rich_table_never_wraps_a_check_id(width: int) -> None:
     if width >= 100:  # the table fits the terminal
         table = [line for line in lines if "│" in line]
         assert table and all(len(line) <= width for line in table)
+
+
+def test_cases_take_comma_separated_patterns(capsys: pytest.CaptureFixture[str]) -> None:
+    """The project's list syntax; repeating --cases still adds patterns."""
+    base = ["conformance", "--backend", "numpy", "--json", "-"]
+    assert main([*base, "--cases", "bn/NC/*,cumulative/*"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    ids = [c["id"] for c in doc["checks"]]
+    assert doc["vectors"]["patterns"] == ["bn/NC/*", "cumulative/*"]
+    assert any(i.startswith("bn/NC/") for i in ids) and any(
+        i.startswith("cumulative/") for i in ids
+    )
+    assert main([*base, "--cases", "bn/NC/*", "--cases", "cumulative/*"]) == 0
+    assert [c["id"] for c in json.loads(capsys.readouterr().out)["checks"]] == ids
+
+
+def test_python_m_errors_are_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    """``python -m mbn_conformance.cli`` is ``mbn-ref conformance``: one-line errors, exit 2."""
+    from mbn_conformance.cli import main as suite_main
+
+    assert suite_main(["--backend", "nope"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mbn-ref conformance: error: argument --backend")
+    assert suite_main(["--help"]) == 0
+    assert "\nexamples:\n" in capsys.readouterr().out

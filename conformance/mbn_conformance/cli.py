@@ -54,6 +54,29 @@ DESCRIPTION = (
 )
 
 
+EPILOG = """\
+examples:
+  mbn-ref conformance --backend numpy
+      the reference on NumPy (the suite checking itself)
+  mbn-ref conformance --backend torch --all
+      mbn_torch's modules, every check listed
+  mbn-ref conformance --impl my_package.adapter:make --cases 'mbn/*,refusal/*' --json r.json
+      your implementation, two groups of checks, table and JSON report
+  mbn-ref conformance --impl my_package.adapter:make --properties --xfails xfails.txt
+      with the hypothesis properties, known failures declared
+  mbn-ref conformance --backend numpy --json -
+      the JSON report on stdout
+
+exit status:
+  0  the implementation conforms (every check run passed or failed as declared)
+  1  a check fails, errors or passes unexpectedly; also a reader that stopped early
+     (`mbn-ref ... | head`)
+  2  usage error: a bad --impl or --backend, an import that fails, a file that is not a
+     golden-vector archive, a pattern that selects nothing, a bad xfails file, hypothesis
+     missing for --properties, an unwritable --json path
+"""
+
+
 class UsageError(Exception):
     """A command-line problem the user can fix; reported on one line, exit status 2."""
 
@@ -75,11 +98,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--cases",
-        metavar="PATTERN",
+        metavar="PATTERNS",
+        type=_pattern_list,
         action="append",
         default=[],
-        help="run only checks whose id matches this glob (repeatable), e.g. 'mbn/*', "
-        "'property/bn_*', 'refusal/*'",
+        help="run only checks whose id matches one of these comma-separated globs "
+        "(repeatable), e.g. 'mbn/*', 'property/bn_*,refusal/*'",
     )
     parser.add_argument(
         "--vectors",
@@ -116,12 +140,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _pattern_list(text: str) -> list[str]:
+    """``--cases`` value: comma-separated globs (check ids hold no commas)."""
+    patterns = [p.strip() for p in text.split(",") if p.strip()]
+    if not patterns:
+        raise argparse.ArgumentTypeError(f"expected one or more glob patterns, got {text!r}")
+    return patterns
+
+
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``conformance`` subcommand to an ``add_subparsers()`` object."""
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "conformance",
         help="run the conformance suite against an implementation",
         description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_arguments(parser)
     parser.set_defaults(run=run_command)
@@ -167,7 +201,7 @@ def _run(args: argparse.Namespace) -> int:
             xfails = read_xfails(args.xfails)
         except XfailsFileError as exc:
             raise UsageError(f"--xfails {exc}") from None
-    patterns: list[str] = args.cases
+    patterns: list[str] = [p for group in args.cases for p in group]
     try:
         found = checks(
             adapter, cases=cases, select=patterns, properties=args.properties, xfails=xfails
@@ -242,14 +276,10 @@ def _print_human(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m mbn_conformance.cli``: the subcommand on its own."""
-    parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION)
-    add_arguments(parser)
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else 0
-    return run_command(args)
+    """``python -m mbn_conformance.cli``: ``mbn-ref conformance`` (same options, errors, exits)."""
+    from mbn_ref.cli import main as mbn_main
+
+    return mbn_main(["conformance", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
