@@ -158,39 +158,78 @@ def test_model_without_our_layers_is_refused() -> None:
         model.fit(x, y, epochs=1, verbose=0, callbacks=[MomentumScheduler(lam=0.5, momentum=0.9)])
 
 
-def test_resume_from_a_saved_model_and_callback_state(tmp_path: Path) -> None:
-    """2 epochs, save (.keras + the callback's JSON state), load, 2 more = 4 epochs straight."""
+def _resume_pair() -> tuple[Any, MomentumScheduler]:
+    keras.utils.set_random_seed(1)
+    layer = MomentumBatchNormalization(name="mbn")
+    return _model(layer), MomentumScheduler(batch_size=BATCH, total_epochs=4, per="batch")
+
+
+def _fit(model: Any, callback: Any, epochs: int, initial_epoch: int = 0) -> None:
     x, y = _data()
-
-    def new() -> tuple[Any, MomentumScheduler]:
-        keras.utils.set_random_seed(1)
-        layer = MomentumBatchNormalization(name="mbn")
-        return _model(layer), MomentumScheduler(batch_size=BATCH, total_epochs=4, per="batch")
-
-    straight, sched = new()
-    straight.fit(x, y, batch_size=BATCH, epochs=4, shuffle=False, verbose=0, callbacks=[sched])
-
-    first, sched1 = new()
-    first.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0, callbacks=[sched1])
-    first.save(tmp_path / "m.keras")
-    (tmp_path / "sched.json").write_text(json.dumps(sched1.state_dict()))
-
-    resumed = keras.models.load_model(tmp_path / "m.keras", safe_mode=True)
-    _, sched2 = new()
-    sched2.load_state_dict(json.loads((tmp_path / "sched.json").read_text()))
-    resumed.fit(
+    model.fit(
         x,
         y,
         batch_size=BATCH,
-        epochs=4,
-        initial_epoch=2,
+        epochs=epochs,
+        initial_epoch=initial_epoch,
         shuffle=False,
         verbose=0,
-        callbacks=[sched2],
+        callbacks=[callback],
     )
+
+
+def test_resume_from_the_keras_file_alone(tmp_path: Path) -> None:
+    """2 epochs, save (.keras), load (safe mode), a fresh callback, 2 more = 4 epochs straight.
+
+    The callback's state travels inside the .keras file; the fresh callback takes it up at
+    the start of fit.
+    """
+    straight, sched = _resume_pair()
+    _fit(straight, sched, 4)
+
+    first, sched1 = _resume_pair()
+    _fit(first, sched1, 2)
+    first.save(tmp_path / "m.keras")
+
+    resumed = keras.models.load_model(tmp_path / "m.keras", safe_mode=True)
+    _, sched2 = _resume_pair()
+    assert sched2.state_dict()["iterations"] == 0 and not sched2.restored
+    _fit(resumed, sched2, 4, initial_epoch=2)
+    assert sched2.restored
     assert sched2.state_dict() == sched.state_dict()
     for a, b in zip(straight.weights, resumed.weights, strict=True):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-7, err_msg=a.path)
+
+    # saved again after the resumed run: the file holds the state of the moment it was saved
+    resumed.save(tmp_path / "m2.keras")
+    again = keras.models.load_model(tmp_path / "m2.keras", safe_mode=True)
+    _, sched3 = _resume_pair()
+    sched3.set_model(again)
+    sched3.on_train_begin()
+    assert sched3.state_dict() == sched.state_dict()
+
+    # restore=False starts afresh on the same file
+    fresh = MomentumScheduler(batch_size=BATCH, total_epochs=4, per="batch", restore=False)
+    fresh.set_model(keras.models.load_model(tmp_path / "m.keras", safe_mode=True))
+    fresh.on_train_begin()
+    assert not fresh.restored and fresh.state_dict()["iterations"] == 0
+
+
+def test_resume_from_a_json_state_by_hand(tmp_path: Path) -> None:
+    """state_dict/load_state_dict: JSON beside the model (strict, unchanged after an error)."""
+    straight, sched = _resume_pair()
+    _fit(straight, sched, 4)
+    first, sched1 = _resume_pair()
+    _fit(first, sched1, 2)
+    first.save_weights(tmp_path / "m.weights.h5")  # weights only: no callback state inside
+    (tmp_path / "sched.json").write_text(json.dumps(sched1.state_dict()))
+
+    resumed, sched2 = _resume_pair()
+    resumed.load_weights(tmp_path / "m.weights.h5")
+    sched2.load_state_dict(json.loads((tmp_path / "sched.json").read_text()))
+    _fit(resumed, sched2, 4, initial_epoch=2)
+    assert not sched2.restored  # the model carried nothing; the hand-loaded state ran
+    assert sched2.state_dict() == sched.state_dict()
     with pytest.raises(ValueError, match="expected keys"):
         sched2.load_state_dict({"epochs": 1})
     with pytest.raises(ValueError, match="epochs"):
@@ -198,7 +237,15 @@ def test_resume_from_a_saved_model_and_callback_state(tmp_path: Path) -> None:
     assert sched2.state_dict() == sched.state_dict()  # unchanged by the bad loads
 
 
-def test_plateau_on_val_loss() -> None:
+def test_a_corrupt_state_file_is_a_clear_error(tmp_path: Path) -> None:
+    layer = MomentumBatchNormalization(name="mbn")
+    (tmp_path / "schedule_state.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="expected an object of callback states"):
+        layer.load_assets(str(tmp_path))
+    assert layer._schedule.saved == {}
+
+
+def test_plateau_on_val_loss(tmp_path: Path) -> None:
     layer = _CountingMBN()
     model = _model(layer)
     ctl = schedules.PlateauController(initial=0.9, step_up=0.02, step_down=0.05, min_decay=0.5)
@@ -223,15 +270,24 @@ def test_plateau_on_val_loss() -> None:
     np.testing.assert_allclose(got, want, atol=1e-7)
     assert cb.state == state and float(layer.lam.numpy()) == pytest.approx(state.decay)
     assert layer.traces == 1
-    # resume: the state round-trips through JSON; a missing metric raises, nothing changes
+    # resume: the state round-trips through JSON and through the .keras file; a missing
+    # metric raises, nothing changes
     cb2 = MomentumOnPlateau(ctl, monitor="val_loss", decay="lam")
     cb2.load_state_dict(json.loads(json.dumps(cb.state_dict())))
     assert cb2.state == cb.state
+    model.save(tmp_path / "p.keras")
+    cb3 = MomentumOnPlateau(ctl, monitor="val_loss", decay="lam")
+    cb3.set_model(
+        keras.models.load_model(tmp_path / "p.keras", custom_objects={"_CountingMBN": _CountingMBN})
+    )
+    cb3.on_train_begin()
+    assert cb3.restored and cb3.state == cb.state
+    assert float(cb3.model.layers[0].lam.numpy()) == pytest.approx(state.decay)
     with pytest.raises(ValueError, match="val_accuracy"):
         model.fit(x, y, epochs=1, verbose=0, callbacks=[MomentumOnPlateau(monitor="val_accuracy")])
 
 
-def test_gradient_noise_controller_sees_every_step_gradient() -> None:
+def test_gradient_noise_controller_sees_every_step_gradient(tmp_path: Path) -> None:
     """The callback's controller equals one fed, by hand, each step's gradient."""
     x, y = _data()
     ctl = schedules.GradientNoiseController(batch_size=BATCH, warmup_steps=3, alpha=0.2)
@@ -268,11 +324,18 @@ def test_gradient_noise_controller_sees_every_step_gradient() -> None:
     assert cb.state.decay != ctl.initial  # the controller moved past its warm-up value
     np.testing.assert_allclose(cb.state.mean, state.mean, rtol=1e-4, atol=1e-6)
     assert float(model.get_layer("mbn").lam.numpy()) == pytest.approx(cb.state.decay)
-    # resume
+    # resume: by hand through JSON, and through the .keras file (one more epoch continues)
     cb2 = MomentumFromGradientNoise(ctl)
     cb2.load_state_dict(json.loads(json.dumps(cb.state_dict())))
     assert cb2.state.num_updates == cb.state.num_updates
     np.testing.assert_array_equal(cb2.state.mean, cb.state.mean)
+    model.save(tmp_path / "g.keras")
+    loaded = keras.models.load_model(
+        tmp_path / "g.keras", custom_objects={"_CountingMBN": _CountingMBN}
+    )
+    cb3 = MomentumFromGradientNoise(ctl)
+    loaded.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[cb3])
+    assert cb3.restored and cb3.state.num_updates == 3 * STEPS
 
 
 def test_gradient_noise_needs_a_recording_model() -> None:

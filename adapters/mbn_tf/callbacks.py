@@ -17,8 +17,11 @@ layers' and Keras' convention; PyTorch's ``momentum`` is ``1 - momentum``.
 
 State: the decays themselves are the layers' variables, saved with the model
 (``model.save``, ``save_weights``). What a callback adds (its counters, a controller's
-state) is :meth:`~MomentumScheduler.state_dict`, plain JSON-compatible values, restored
-with ``load_state_dict`` on a callback built the same way (docs/keras.md, *Resuming*).
+state) is :meth:`~MomentumScheduler.state_dict`, plain JSON-compatible values. It is saved
+**inside** the ``.keras`` file (an asset of the model's first layer of ours, written at
+save time), and a callback built the same way restores it at the start of its first
+``fit`` on the loaded model (``restore=False`` starts afresh); ``load_state_dict`` restores
+it by hand (docs/keras.md, *Resuming*).
 
 >>> import numpy as np
 >>> import keras
@@ -48,7 +51,7 @@ from mbn_ref.schedules import (
     Schedule,
 )
 
-from .layers import MomentumBatchNormalization, _DecayNormalization
+from .layers import MomentumBatchNormalization, _DecayNormalization, _ScheduleState
 
 __all__ = [
     "DecaySource",
@@ -79,10 +82,40 @@ def _layers(model: Any) -> Iterator[Any]:
 
 
 class _DecayCallback(keras.callbacks.Callback):  # type: ignore[misc]
-    """Finds the layers of ours in the model and assigns validated decays to them."""
+    """Finds the layers of ours in the model and assigns validated decays to them.
 
-    def _targets(self, target: Target) -> list[Any]:
-        """The variables a decay goes to: ``lam`` of MBN layers, ``inference_decay`` of all."""
+    Its state travels in the model: :meth:`_attach` (at the start of ``fit``) restores the
+    state a loaded model carries for this kind of callback, once, into a callback that has
+    not trained yet (unless ``restore=False``), and registers :meth:`state_dict` with the
+    model's first layer of ours, which writes it into the ``.keras`` file at save time.
+    """
+
+    restore = True
+    restored = False  # whether _attach loaded a state the model carried
+    _attached = False
+
+    def _state_key(self) -> str:
+        """The key of this callback's state in the model (one per kind and decay)."""
+        decay = getattr(self, "decay", None)
+        return type(self).__name__ + ("" if decay is None else f":{decay}")
+
+    def _attach(self) -> None:
+        holder: _ScheduleState = self._ours()[0]._schedule
+        key = self._state_key()
+        if self.restore and not self._attached and key in holder.saved:
+            self.load_state_dict(holder.saved[key])
+            self.restored = True
+        holder.providers[key] = self.state_dict
+        self._attached = True
+
+    def state_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _ours(self) -> list[_DecayNormalization]:
+        """The model's layers of ours, depth first (``ValueError`` when there are none)."""
         if self.model is None:
             raise RuntimeError(f"{type(self).__name__} is not attached to a model yet")
         ours = [layer for layer in _layers(self.model) if isinstance(layer, _DecayNormalization)]
@@ -92,6 +125,11 @@ class _DecayCallback(keras.callbacks.Callback):  # type: ignore[misc]
                 "MomentumBatchNormalization or DynamicBatchNormalization layer (convert its "
                 "BatchNormalization layers with mbn_tf.from_batchnorm)"
             )
+        return ours
+
+    def _targets(self, target: Target) -> list[Any]:
+        """The variables a decay goes to: ``lam`` of MBN layers, ``inference_decay`` of all."""
+        ours = self._ours()
         if target == "lam":
             return [layer.lam for layer in ours if isinstance(layer, MomentumBatchNormalization)]
         return [layer.inference_decay for layer in ours]
@@ -158,6 +196,9 @@ class MomentumScheduler(_DecayCallback):
         When the schedules are applied.
     steps_per_epoch : int, optional
         With ``per="batch"``: batches per epoch, to give the schedules fractional epochs.
+    restore : bool, optional
+        At the start of its first ``fit``, load the state that the model carries for this
+        kind of callback (a model saved with one and loaded); ``False`` starts afresh.
 
     Raises
     ------
@@ -189,8 +230,10 @@ class MomentumScheduler(_DecayCallback):
         momentum: DecaySource = None,
         per: Literal["epoch", "batch"] = "epoch",
         steps_per_epoch: int | None = None,
+        restore: bool = True,
     ) -> None:
         super().__init__()
+        self.restore = bool(restore)
         if per not in ("epoch", "batch"):
             raise ValueError(f"per must be 'epoch' or 'batch', got {per!r}")
         if steps_per_epoch is not None and per != "batch":
@@ -264,8 +307,8 @@ class MomentumScheduler(_DecayCallback):
         self._last = values
 
     def on_train_begin(self, logs: Any = None) -> None:
-        """Check that the model has layers of ours (``ValueError`` otherwise)."""
-        self._targets("momentum")
+        """Check that the model has layers of ours (``ValueError`` otherwise); attach."""
+        self._attach()
 
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
         """Per epoch: apply the decays for the completed epochs."""
@@ -336,6 +379,9 @@ class MomentumOnPlateau(_DecayCallback):
     decay : {"lam", "momentum"}, optional
         Which decay it drives: ``lam`` of every ``MomentumBatchNormalization``, or the
         inference decay (``momentum``) of every layer of ours.
+    restore : bool, optional
+        At the start of its first ``fit``, load the state that the model carries for this
+        kind of callback (a model saved with one and loaded); ``False`` starts afresh.
 
     Raises
     ------
@@ -356,8 +402,10 @@ class MomentumOnPlateau(_DecayCallback):
         *,
         monitor: str = "val_loss",
         decay: Target = "momentum",
+        restore: bool = True,
     ) -> None:
         super().__init__()
+        self.restore = bool(restore)
         controller = PlateauController() if controller is None else controller
         if not isinstance(controller, PlateauController):
             raise TypeError(
@@ -371,7 +419,8 @@ class MomentumOnPlateau(_DecayCallback):
         self.state = controller.init()
 
     def on_train_begin(self, logs: Any = None) -> None:
-        """Apply the controller's current decay."""
+        """Attach (restore the state the model carries) and apply the controller's decay."""
+        self._attach()
         self._assign({self.decay: self.state.decay})
 
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
@@ -507,6 +556,9 @@ class MomentumFromGradientNoise(_DecayCallback):
         The controller (``batch_size``: examples per gradient, the global batch).
     decay : {"lam", "momentum"}, optional
         Which decay it drives (default: ``lam`` of every ``MomentumBatchNormalization``).
+    restore : bool, optional
+        At the start of its first ``fit``, load the state that the model carries for this
+        kind of callback (a model saved with one and loaded); ``False`` starts afresh.
 
     Raises
     ------
@@ -528,8 +580,11 @@ class MomentumFromGradientNoise(_DecayCallback):
     (0.5, 0)
     """
 
-    def __init__(self, controller: GradientNoiseController, *, decay: Target = "lam") -> None:
+    def __init__(
+        self, controller: GradientNoiseController, *, decay: Target = "lam", restore: bool = True
+    ) -> None:
         super().__init__()
+        self.restore = bool(restore)
         if not isinstance(controller, GradientNoiseController):
             raise TypeError(
                 "controller must be a mbn_ref.schedules.GradientNoiseController, got "
@@ -542,7 +597,7 @@ class MomentumFromGradientNoise(_DecayCallback):
         self.state = controller.init()
 
     def on_train_begin(self, logs: Any = None) -> None:
-        """Create the model's gradient record (once) and apply the current decay."""
+        """Attach (as the other callbacks), create the gradient record, apply the decay."""
         import tensorflow as tf
 
         model = self.model
@@ -552,6 +607,7 @@ class MomentumFromGradientNoise(_DecayCallback):
                 "mbn_tf.GradientRecordingModel records; build the model as "
                 f"GradientRecordingModel(inputs, outputs), not {type(model).__name__}"
             )
+        self._attach()
         self._assign({self.decay: self.state.decay})
         record = model._gradient_record()
         size = sum(int(w.numpy().size) for w in model.trainable_weights)

@@ -28,7 +28,9 @@ run time: assigning them never retraces (docs/keras.md).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import os
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import keras
@@ -95,6 +97,26 @@ def _count_at_run_time(x: Any, axis: int) -> Any:
     return tf.compat.v1.placeholder_with_default(x, shape)
 
 
+class _ScheduleState:
+    """The callbacks' state that a model carries in its ``.keras`` file.
+
+    ``saved`` is what the file held when the model was loaded; ``providers`` the
+    ``state_dict`` methods of the callbacks attached since (:mod:`mbn_tf.callbacks`), asked
+    at save time, so a file always holds the state of the moment it was written, and the
+    gradient-noise controller's moments are copied to the host only then. A plain object:
+    Keras does not track it.
+    """
+
+    FILE = "schedule_state.json"
+
+    def __init__(self) -> None:
+        self.saved: dict[str, Any] = {}
+        self.providers: dict[str, Callable[[], Any]] = {}
+
+    def current(self) -> dict[str, Any]:
+        return {**self.saved, **{key: state() for key, state in self.providers.items()}}
+
+
 class _DecayNormalization(keras.layers.Layer):  # type: ignore[misc]
     """What both layers share: Keras BN's weights and arguments, the variable ``momentum``.
 
@@ -154,6 +176,7 @@ class _DecayNormalization(keras.layers.Layer):  # type: ignore[misc]
         self.beta: Any = None
         self.moving_mean: Any = None
         self.moving_variance: Any = None
+        self._schedule = _ScheduleState()
 
     # -- decays ---------------------------------------------------------------------------
     def _create_decays(self, momentum: float) -> None:
@@ -360,6 +383,28 @@ class _DecayNormalization(keras.layers.Layer):  # type: ignore[misc]
         all_sum: AllSum | None = None,
     ) -> tuple[Array, tuple[Array, ...], NormContext]:
         raise NotImplementedError
+
+    # -- the callbacks' state, saved with the model -------------------------------------------
+    def save_assets(self, dir_path: str) -> None:
+        """Write the callbacks' state this layer carries (``model.save``, ``.keras``)."""
+        state = self._schedule.current()
+        if state:
+            with open(os.path.join(dir_path, _ScheduleState.FILE), "w", encoding="utf-8") as f:
+                json.dump(state, f, sort_keys=True)
+
+    def load_assets(self, dir_path: str) -> None:
+        """Read the callbacks' state back (``keras.models.load_model``); JSON, safe mode."""
+        path = os.path.join(dir_path, _ScheduleState.FILE)
+        if not os.path.exists(path):
+            return
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+        if not isinstance(state, dict):
+            raise ValueError(
+                f"{self.name}: {_ScheduleState.FILE} holds {type(state).__name__}, expected an "
+                "object of callback states"
+            )
+        self._schedule.saved = state
 
     # -- configuration ------------------------------------------------------------------------
     def get_config(self) -> dict[str, Any]:
