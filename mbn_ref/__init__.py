@@ -20,7 +20,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-from ._normalization import backward  # noqa: E402
+from ._normalization import KernelTerms, backward, kernel_terms  # noqa: E402
 from .bn import (  # noqa: E402
     BNState,
     bn_backward,
@@ -30,11 +30,18 @@ from .bn import (  # noqa: E402
 )
 from .context import ContextStatic, NormContext  # noqa: E402
 from .errors import NonFiniteError  # noqa: E402
-from .mbn import MBNState, init_state, mbn_backward, mbn_forward  # noqa: E402
+from .mbn import (  # noqa: E402
+    MBNState,
+    init_state,
+    mbn_backward,
+    mbn_forward,
+    mbn_from_moments,
+)
 
 __all__ = [
     "BNState",
     "ContextStatic",
+    "KernelTerms",
     "MBNState",
     "NonFiniteError",
     "NormContext",
@@ -46,8 +53,10 @@ __all__ = [
     "distributed",
     "init_bn_state",
     "init_state",
+    "kernel_terms",
     "mbn_backward",
     "mbn_forward",
+    "mbn_from_moments",
     "noise",
     "noise_sim",
     "schedules",

@@ -222,3 +222,38 @@ def stats_coefficients(
     k1 = coef * sum_dy_xhat
     k0 = coef * (sum_dy + (mean - batch_mean) * rstd * sum_dy_xhat)
     return k1, k0
+
+
+def kernel_terms(
+    xp: Namespace,
+    mean: Array,
+    rstd: Array,
+    gamma: Array | None,
+    beta: Array | None,
+    stats_weight: Array,
+    batch_mean: Array,
+    batch_rstd: Array,
+    count: int | Array,
+) -> tuple[Array, Array, Array, Array, Array]:
+    """MBN through fused BN training kernels: ``(scale, offset, weight, dy_scale, shift)``.
+
+    Forward: a kernel's ``xhat_B = (x - mu_B)*batch_rstd`` maps to MBN's output as
+    ``y = scale*xhat_B + offset`` with ``scale = gamma*rstd/batch_rstd`` and
+    ``offset = beta + gamma*rstd*(mu_B - mean)``.
+
+    Backward: ``K(dy; mean, rstd, weight) = weight*rstd*(dy - sum(dy)/m - xhat*sum(dy*xhat)/m)``
+    is BN's gradient for the statistics given to it. With ``s = gamma*rstd`` and
+    ``w = stats_weight``, :func:`normalize_backward`'s ``dx = s*dy - k1*xhat - k0`` is::
+
+        dx = K(dy; mean, rstd, w*gamma) + (1 - w)*s*dy - shift*sum(dy*xhat)
+
+    with ``shift = w*s*(mean - mu_B)*rstd/m``: :func:`stats_coefficients`' ``k1`` and the
+    ``sum(dy)`` part of ``k0`` are ``K``'s own terms.
+    """
+    s = rstd if gamma is None else gamma * rstd
+    centered_shift = (batch_mean - mean) * s  # gamma*rstd*(mu_B - mean)
+    offset = centered_shift if beta is None else centered_shift + beta
+    weight = stats_weight * (xp.ones_like(rstd) if gamma is None else gamma)
+    dy_scale = (1 - stats_weight) * s
+    shift = (stats_weight / at_least_one(xp, count)) * centered_shift * (-rstd)
+    return s / batch_rstd, offset, weight, dy_scale, shift

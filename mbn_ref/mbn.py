@@ -41,7 +41,7 @@ from .bn import init_bn_state
 from .context import NormContext
 from .conventions import Estimator, validate_estimator
 
-__all__ = ["MBNState", "init_state", "mbn_backward", "mbn_forward"]
+__all__ = ["MBNState", "init_state", "mbn_backward", "mbn_forward", "mbn_from_moments"]
 
 
 class MBNState(NamedTuple):
@@ -195,12 +195,38 @@ def mbn_forward(
         return y, state, ctx
     m, batch_mean, batch_var, centered = stats
     ok = update_flag(b, batch_var, m)
-    lam_rest = 1 - lam  # the weight of the batch's statistics (and of their gradients)
+    new_state, mean, rstd = _train_step(
+        xp, state, batch_mean, batch_var, m, lam, tau, estimator, ok, b.x.dtype, eps
+    )
+    y = _kernels.affine_normalize(xp, centered, b.axis, batch_mean - mean, rstd, b.gamma, b.beta)
+    ctx = b.context(mean, rstd, b.scalar(_batch_weight(lam)), batch_mean, m, all_sum)
+    return xp.astype(y, b.dtype, copy=False), new_state, ctx
+
+
+def _batch_weight(lam: Any) -> Any:
+    """``1 - lam``: the weight of the batch's statistics, and of their gradients."""
+    return 1 - lam if is_array(lam) else 1.0 - float(lam)
+
+
+def _train_step(
+    xp: Namespace,
+    state: MBNState,
+    batch_mean: Array,
+    batch_var: Array,
+    m: int | Array,
+    lam: Any,
+    tau: Any,
+    estimator: str,
+    ok: Array | None,
+    dtype: Any,
+    eps: float,
+) -> tuple[MBNState, Array, Array]:
+    """The new state and the normalizing ``(mean, rstd)`` in ``dtype`` (Eq. 8, spec §3)."""
+    lam_rest = 1 - lam
     moving_mean = _kernels.ema(state.moving_mean, batch_mean, lam, lam_rest)
     moving_var = _kernels.ema(state.moving_var, batch_var, lam, lam_rest)
-    mean = xp.astype(moving_mean, b.x.dtype, copy=False)
-    rstd = _kernels.inverse_std(xp, xp.astype(moving_var, b.x.dtype, copy=False), eps)
-    y = _kernels.affine_normalize(xp, centered, b.axis, batch_mean - mean, rstd, b.gamma, b.beta)
+    mean = xp.astype(moving_mean, dtype, copy=False)
+    rstd = _kernels.inverse_std(xp, xp.astype(moving_var, dtype, copy=False), eps)
     running = update_running(
         xp,
         state.running_mean,
@@ -216,10 +242,97 @@ def mbn_forward(
         keep_if(xp, ok, moving_var, state.moving_var),
         *running,
     )
-    # 1 - lam as a 0-d array (NumPy turns 0-d arithmetic into scalars: scalar() again)
-    weight = b.scalar(lam_rest if is_array(lam) else 1.0 - float(lam))
-    ctx = b.context(mean, rstd, weight, batch_mean, m, all_sum)
-    return xp.astype(y, b.dtype, copy=False), new_state, ctx
+    return new_state, mean, rstd
+
+
+def mbn_from_moments(
+    x: Array,
+    state: MBNState,
+    gamma: Array | None,
+    beta: Array | None,
+    batch_mean: Array,
+    batch_var: Array,
+    *,
+    lam: Any = 0.0,
+    tau: Any = 0.9,
+    eps: float = 1e-5,
+    axis: int = 1,
+    estimator: Estimator = "biased",
+    xp: Namespace | None = None,
+) -> tuple[MBNState, NormContext]:
+    """An MBN training step from batch moments a fused kernel already computed.
+
+    For adapters that compute the batch's moments and normalize with a framework's own
+    kernels: the new state and the backward context of :func:`mbn_forward`'s training step
+    (docs/spec.md §3), without touching ``x``'s values. The caller normalizes ``x`` with
+    ``ctx.mean`` and ``ctx.rstd`` (``y = gamma * (x - mean) * rstd + beta``), and computes
+    the backward pass with :func:`mbn_ref.backward` or, through a fused BN backward kernel,
+    with :func:`mbn_ref.kernel_terms`.
+
+    Parameters
+    ----------
+    x : array
+        The training batch (kept in the context for the backward pass).
+    state : MBNState
+        The state before the batch.
+    gamma, beta : array or None
+        The per-channel affine parameters (their dtypes are the gradients' dtypes).
+    batch_mean, batch_var : array
+        The batch's per-channel mean and **biased** variance, in the compute dtype (the
+        input's, at least float32).
+    lam, tau, eps, axis, estimator, xp
+        As in :func:`mbn_forward`.
+
+    Returns
+    -------
+    state : MBNState
+        The new state.
+    ctx : NormContext
+        The backward context; ``ctx.mean``/``ctx.rstd`` normalize the batch.
+
+    Raises
+    ------
+    ValueError
+        A bad decay, estimator, counter or ``eps``; a batch of one value per channel with
+        the unbiased estimator.
+
+    Examples
+    --------
+    The same state and context as :func:`mbn_forward`:
+
+    >>> import numpy as np
+    >>> import mbn_ref as mr
+    >>> x = np.array([[1.0], [3.0]])
+    >>> state, ctx = mbn_from_moments(
+    ...     x, mr.init_state(1), None, None, x.mean(0), x.var(0), lam=0.5, tau=0.9)
+    >>> _, expected, _ = mr.mbn_forward(x, mr.init_state(1), lam=0.5, tau=0.9)
+    >>> [float(a[0]) for a in state[:4]] == [float(a[0]) for a in expected[:4]]
+    True
+    >>> float(ctx.mean[0]), round(float(ctx.rstd[0]), 4), float(ctx.stats_weight)
+    (1.0, 1.0, 0.5)
+    """
+    b = prepare(
+        x,
+        gamma,
+        beta,
+        axis=axis,
+        eps=eps,
+        nonfinite="propagate",
+        state=state,
+        state_names=MBNState._fields,
+        xp=xp,
+    )
+    check_decay_arg("lam", lam)
+    check_decay_arg("tau", tau, allow_none=True)
+    validate_estimator(estimator)
+    xp = b.xp
+    check_counter(xp, state.num_batches_tracked)
+    dtype = b.x.dtype
+    new_state, mean, rstd = _train_step(
+        xp, state, batch_mean, batch_var, b.m, lam, tau, estimator, None, dtype, eps
+    )
+    ctx = b.context(mean, rstd, b.scalar(_batch_weight(lam)), xp.astype(batch_mean, dtype))
+    return new_state, ctx
 
 
 mbn_backward = backward

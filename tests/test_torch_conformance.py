@@ -88,6 +88,7 @@ class _Paths(TorchFunctionMode):
         super().__init__()
         self.fused: list[bool] = []
         self.core: list[tuple[float, bool, bool]] = []
+        self.kernel: list[float] = []  # mbn_ref.mbn_from_moments: MBN on PyTorch's kernels
 
     def __torch_function__(
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
@@ -100,14 +101,17 @@ class _Paths(TorchFunctionMode):
     def reset(self) -> None:
         self.fused.clear()
         self.core.clear()
+        self.kernel.clear()
 
     @property
     def fused_training(self) -> int:
-        return sum(self.fused)
+        """BN's kernel alone (the MBN kernel path also runs it once per step)."""
+        return sum(self.fused) - len(self.kernel)
 
     @property
     def core_lam_positive(self) -> int:
-        return sum(1 for lam, training, _ in self.core if training and lam > 0)
+        """MBN with ``lam > 0``: the core's forward, or the kernels with the core's terms."""
+        return sum(1 for lam, training, _ in self.core if training and lam > 0) + len(self.kernel)
 
     @property
     def core_training(self) -> int:
@@ -127,6 +131,13 @@ def paths(monkeypatch: pytest.MonkeyPatch) -> Iterator[_Paths]:
         return core(*args, **kwargs)
 
     monkeypatch.setattr(mbn_ref, "mbn_forward", recorded)  # mbn_torch calls mr.mbn_forward
+    from_moments = mbn_ref.mbn_from_moments
+
+    def recorded_kernel(*args: Any, **kwargs: Any) -> Any:
+        recorder.kernel.append(float(kwargs["lam"]))
+        return from_moments(*args, **kwargs)
+
+    monkeypatch.setattr(mbn_ref, "mbn_from_moments", recorded_kernel)
     with recorder:
         yield recorder
 
@@ -142,7 +153,7 @@ def _outcomes(adapter: TorchModulesAdapter, recorder: _Paths | None = None) -> d
         ran = None
         if recorder is not None:
             ran = (recorder.fused_training, recorder.core_lam_positive, recorder.core_training)
-            ran += (sum(synced for _, t, synced in recorder.core if t),)
+            ran += (sum(synced for _, t, synced in recorder.core if t), len(recorder.kernel))
         out[check.id] = (result, ran)
     return out
 
@@ -175,27 +186,28 @@ def test_every_check_passes(variant: str, paths: _Paths) -> None:
     bn = [c for c in passed if c.split("/")[0] in ("bn", "dynamic_bn", "cumulative")]
     assert len(bn) >= 25
     for cid in bn:
-        fused, _, core, _ = passed[cid]
+        fused, _, core, _, _ = passed[cid]
         if "/N0/" in cid:  # an empty batch: nothing to normalize in training
             assert fused == 0, cid
         elif "/float16/" in cid and variant == "mbn":  # MBN in half precision on the CPU: core
             assert (fused, core) == (0, 5), (cid, passed[cid])
         else:
             assert (fused, core) == (5, 0), (cid, passed[cid])
-    # MBN with lam > 0: the core; lam = 0 (lam0.0, Eq. 11's first epoch): the fused kernel
+    # MBN with lam > 0: the kernels and the core's terms; lam = 0 (lam0.0): BN's kernel
     mbn = [c for c in passed if c.startswith("mbn/") and "/N0/" not in c]
     assert len(mbn) >= 20
     for cid in mbn:
-        fused, lam_positive, core, _ = passed[cid]
-        assert fused + core == 5, (cid, passed[cid])
-        half_on_cpu = "/float16/" in cid  # the core also at lam = 0 (see _fused)
+        fused, lam_positive, core, _, kernel = passed[cid]
+        assert fused + core + kernel == 5, (cid, passed[cid])
+        half_on_cpu = "/float16/" in cid  # the core also at lam = 0 (see _path)
         if "/lam0.0/" in cid:
             assert (fused, core) == ((0, 5) if half_on_cpu else (5, 0)), cid
         elif "lameq11" in cid:  # lam(1) = 0, then lam > 0
             want = (0, 4) if half_on_cpu else (1, 4)
             assert (fused, lam_positive) == want, (cid, passed[cid])
-        else:
+        else:  # lam > 0: PyTorch's kernels with the core's terms; the core in half precision
             assert lam_positive == 5, (cid, passed[cid])
+            assert kernel == (0 if half_on_cpu else 5), (cid, passed[cid])
     # synchronized BN and MBN: the core with a collective, on every shard of every step
     sync = [c for c in passed if c.startswith("sync")]
     assert len(sync) == 7

@@ -446,25 +446,58 @@ class _CountBatchNorm(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_lam0_runs_the_fused_kernel_lam_positive_the_core():
-    module = MomentumBatchNorm2d(3, lam=0.0)
-    x = torch.randn(SHAPE)
+def _count_core_calls(monkeypatch, *names):
+    calls = dict.fromkeys(names, 0)
+    for name in names:
+        original = getattr(mr, name)
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(mr, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("lam", "nonfinite", "dtype", "kernels", "path"),
+    [
+        (0.0, "propagate", torch.float32, 1, None),  # BN: nn.BatchNorm2d's very kernel
+        (0.5, "propagate", torch.float32, 1, "mbn_from_moments"),  # BN kernel + affine map
+        (0.5, "propagate", torch.float64, 1, "mbn_from_moments"),
+        (0.5, "skip_update", torch.float32, 0, "mbn_forward"),  # the policy needs the core
+        (0.0, "raise", torch.float32, 0, "mbn_forward"),
+        (0.5, "propagate", torch.bfloat16, 0, "mbn_forward"),  # half precision on the CPU
+    ],
+)
+def test_each_training_call_takes_its_path(monkeypatch, lam, nonfinite, dtype, kernels, path):
+    state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    module = MomentumBatchNorm2d(3, lam=lam, nonfinite=nonfinite, dtype=state_dtype)
+    x = torch.randn(SHAPE).to(dtype)
+    calls = _count_core_calls(monkeypatch, "mbn_forward", "mbn_from_moments")
     with _CountBatchNorm() as mode:
         module(x)
-    assert mode.calls == 1
-    module.lam.fill_(0.5)  # a schedule's new value: the next call takes the core's path
+    assert mode.calls == kernels
+    assert calls == {k: int(k == path) for k in calls}
+
+
+def test_input_of_another_dtype_than_the_state_takes_the_core(monkeypatch):
+    module = MomentumBatchNorm2d(3, lam=0.5)  # float32 state
+    calls = _count_core_calls(monkeypatch, "mbn_forward", "mbn_from_moments")
+    module(torch.randn(SHAPE, dtype=torch.float64))
+    assert calls == {"mbn_forward": 1, "mbn_from_moments": 0}
+
+
+def test_evaluation_runs_the_kernel_whatever_lam():
+    module = MomentumBatchNorm2d(3, lam=0.5).eval()
     with _CountBatchNorm() as mode:
-        module(x)
-    assert mode.calls == 0
-    module.eval()  # evaluation: the fused kernel whatever lam
-    with _CountBatchNorm() as mode:
-        module(x)
+        module(torch.randn(SHAPE))
     assert mode.calls == 1
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_fused_and_core_paths_give_the_core_trajectory(momentum):
-    """lam = 0 (fused kernel), 0.5 (core), 0 twice (fused): every number equals the core's."""
+    """lam = 0 (BN's kernel), 0.5 (MBN on the kernels), 0 twice: every number is the core's."""
     dtype = torch.float64
     module = MomentumBatchNorm2d(3, momentum=momentum, dtype=dtype)
     _affine(module, dtype)

@@ -26,9 +26,10 @@ import array_api_compat.torch as txp
 import torch
 
 import mbn_ref as mr
+from mbn_ref import conventions
 from mbn_ref.distributed import AllSum
 
-__all__ = ["batch_statistics_norm", "momentum_batch_norm", "snapshot"]
+__all__ = ["batch_statistics_norm", "kernel_momentum_batch_norm", "momentum_batch_norm", "snapshot"]
 
 _N_STATE = len(mr.MBNState._fields)
 
@@ -110,6 +111,86 @@ class _MBNFunction(torch.autograd.Function):
         core_ctx = mr.NormContext.join(ctx.saved_tensors, ctx.static)
         dx, dweight, dbias = mr.backward(dy, core_ctx, xp=txp)
         return (dx, dweight, dbias) + (None,) * (_N_STATE + 7)
+
+
+class _KernelMBNFunction(torch.autograd.Function):
+    """MBN training on PyTorch's fused BN kernels: ``(y, *new_state)``.
+
+    Forward: ``torch.native_batch_norm`` normalizes the batch with its own statistics and
+    writes its mean and unbiased variance into two scratch vectors (update rate 1);
+    :func:`mbn_ref.mbn_from_moments` gives the new state and the normalizing statistics,
+    and :func:`mbn_ref.kernel_terms` the affine map (applied in place) from the kernel's
+    output to MBN's. Backward: ``native_batch_norm_backward`` in training mode with those
+    statistics, plus the two per-channel terms of :func:`mbn_ref.kernel_terms`.
+    For one device's batch (no collective) of at least two values per channel.
+    """
+
+    @staticmethod
+    def forward(
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        *rest: Any,
+    ) -> Any:
+        state = mr.MBNState(*rest[:_N_STATE])
+        lam, tau, eps = rest[_N_STATE:]
+        channels = x.shape[1]
+        count = x.numel() // channels
+        cdt = torch.float64 if x.dtype == torch.float64 else torch.float32  # compute dtype
+        batch_mean, batch_var = torch.zeros((2, channels), dtype=cdt, device=x.device).unbind()
+        y, _, batch_rstd = torch.native_batch_norm(
+            x, None, None, batch_mean, batch_var, True, 1.0, eps
+        )  # y: the batch normalized with its own statistics, rewritten in place below
+        new_state, ctx = mr.mbn_from_moments(
+            x,
+            state,
+            weight,
+            bias,
+            batch_mean,
+            conventions.biased_from_unbiased(batch_var, count),
+            lam=lam,
+            tau=tau,
+            eps=eps,
+            estimator="unbiased",
+            xp=txp,
+        )
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        terms = mr.kernel_terms(ctx, batch_rstd, bias, xp=txp)
+        torch.addcmul(terms.offset.view(shape), y, terms.scale.view(shape), out=y)
+        return (y, *new_state, (x, ctx.mean, ctx.rstd, terms.weight, terms.dy_scale, terms.shift))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        weight, bias = inputs[1:3]
+        ctx.save_for_backward(*output[-1])
+        ctx.eps = inputs[-1]
+        ctx.dtypes = (
+            None if weight is None else weight.dtype,
+            None if bias is None else bias.dtype,
+        )
+        ctx.mark_non_differentiable(*output[1 : 1 + _N_STATE])
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor | None, *unused: Any) -> Any:
+        tail = (None,) * (_N_STATE + 3)
+        if dy is None:
+            return (None, None, None, *tail)
+        x, mean, rstd, weight, dy_scale, shift = ctx.saved_tensors
+        gamma_dtype, beta_dtype = ctx.dtypes
+        mask = [True, True, beta_dtype is not None]  # sum(dy*xhat) is needed in any case
+        dx, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+            dy, x, weight, None, None, mean, rstd, True, ctx.eps, mask
+        )
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        dx.addcmul_(dy, dy_scale.view(shape))
+        dx.sub_((shift * sum_dy_xhat).view(shape))
+        return (
+            dx,
+            None if gamma_dtype is None else sum_dy_xhat.to(gamma_dtype),
+            None if beta_dtype is None else sum_dy.to(beta_dtype),
+            *tail,
+        )
 
 
 class _BatchStatisticsFunction(torch.autograd.Function):
@@ -256,3 +337,59 @@ def batch_statistics_norm(
     """
     y: torch.Tensor = _BatchStatisticsFunction.apply(x, weight, bias, eps, nonfinite, all_sum)[0]  # type: ignore[no-untyped-call]
     return y
+
+
+def kernel_momentum_batch_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    state: mr.MBNState,
+    lam: float | torch.Tensor,
+    tau: float | torch.Tensor | None,
+    *,
+    eps: float = 1e-5,
+) -> tuple[torch.Tensor, mr.MBNState]:
+    """MBN training on PyTorch's fused BN kernels, differentiable in ``x``, ``weight``, ``bias``.
+
+    The numbers of :func:`momentum_batch_norm` in training with the unbiased estimator and
+    the ``propagate`` policy, in fewer passes over the data: the batch's moments and the
+    backward pass come from PyTorch's BN kernels, the state update and the gradient's two
+    MBN terms from the core (:func:`mbn_ref.mbn_from_moments`,
+    :func:`mbn_ref.kernel_terms`). For one device (no collective) and at least two
+    values per channel.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        Input ``(N, C, ...)``, channels on axis 1 (any memory format).
+    weight, bias : torch.Tensor or None
+        Per-channel affine parameters.
+    state : mbn_ref.MBNState
+        The state before this step; not modified.
+    lam, tau : float or torch.Tensor
+        Decays (weights on history) of the training and the inference statistics; ``tau``
+        ``None`` for the cumulative average.
+    eps : float, optional
+        Added to the variance inside the square root.
+
+    Returns
+    -------
+    y : torch.Tensor
+        The output, in ``x``'s dtype.
+    state : mbn_ref.MBNState
+        The new state (detached).
+
+    Examples
+    --------
+    >>> import torch
+    >>> import mbn_ref as mr
+    >>> import array_api_compat.torch as xp
+    >>> x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    >>> state = mr.init_state(3, xp=xp, dtype=torch.float64)
+    >>> y, new = kernel_momentum_batch_norm(x, None, None, state, 0.5, 0.9)
+    >>> y2, new2 = momentum_batch_norm(x, None, None, state, torch.tensor(0.5), torch.tensor(0.9))
+    >>> bool(torch.allclose(y, y2)), bool(torch.allclose(new.running_var, new2.running_var))
+    (True, True)
+    """
+    out = _KernelMBNFunction.apply(x, weight, bias, *state, lam, tau, eps)  # type: ignore[no-untyped-call]
+    return out[0], mr.MBNState(*out[1 : 1 + _N_STATE])

@@ -34,7 +34,12 @@ from mbn_ref import conventions
 from mbn_ref.conventions import cumulative_decay
 from mbn_ref.distributed import AllSum
 
-from ._function import batch_statistics_norm, momentum_batch_norm, snapshot
+from ._function import (
+    batch_statistics_norm,
+    kernel_momentum_batch_norm,
+    momentum_batch_norm,
+    snapshot,
+)
 
 __all__ = [
     "DynamicBatchNorm1d",
@@ -194,6 +199,12 @@ class _DecayNorm(nn.Module):
             cumulative_decay(n, self.inference_decay.dtype, xp=txp),
             self.inference_decay,
         )
+
+    def _host_tau_or_tensor(self) -> float | torch.Tensor:
+        """Eager training's inference decay: the host value of a fixed decay, else :meth:`_tau`."""
+        if self._host_cumulative.flag(self.cumulative_average):
+            return self._tau()
+        return self._host_tau.read(self.inference_decay, "inference_decay")
 
     def _check_input(self, x: torch.Tensor, *, synchronized: bool = False) -> None:
         """PyTorch's checks and messages; nothing has changed when one raises."""
@@ -432,23 +443,36 @@ class _MomentumBatchNorm(_DecayNorm):
         else:
             self.moving_var.copy_(var)
 
-    def _fused(self, x: torch.Tensor, all_sum: AllSum | None) -> bool:
-        """Whether this call may run PyTorch's fused kernel: the same numbers as the core's.
+    def _path(self, x: torch.Tensor, all_sum: AllSum | None) -> str:
+        """Which implementation computes this call; each gives the core's numbers.
 
-        Evaluation always may; training when ``lam`` is 0 on an ordinary batch: eager mode
-        (a compiled graph cannot branch on the runtime ``lam``), no collective, the
-        ``propagate`` policy, a non-empty batch, and not half precision on the CPU (whose
-        kernel's gradient is off by 10x the float16 resolution where the core's, accumulating
-        in float32, is exact; found by the conformance suite).
+        - ``"native"`` (:meth:`_native`): PyTorch's BN kernel, whose gradient treats the
+          statistics as the batch's own: evaluation, and training with ``lam = 0``;
+        - ``"kernel"`` (:func:`~mbn_torch._function.kernel_momentum_batch_norm`): MBN
+          training (``lam > 0``) on PyTorch's BN kernels and the core's terms;
+        - ``"core"`` (:func:`~mbn_torch._function.momentum_batch_norm`): the core's forward
+          and backward, for what the kernels cannot do: a compiled graph (which cannot branch
+          on the runtime ``lam``), a collective, the ``skip_update``/``raise`` policies, a
+          batch of one value per channel or none, and half precision on the CPU (whose
+          kernel's gradient is off by 10x the float16 resolution where the core's,
+          accumulating in float32, is exact; found by the conformance suite).
         """
         if not self.training:
-            return self.nonfinite != "raise"
-        if torch.compiler.is_compiling():
-            return False
-        if x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16):
-            return False  # PyTorch's CPU kernel loses digits in half precision; the core doesn't
+            return "native" if self.nonfinite != "raise" else "core"
+        if (
+            torch.compiler.is_compiling()
+            or all_sum is not None
+            or self.nonfinite != "propagate"
+            or x.numel() < 2 * self.num_features
+            or (x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16))
+        ):
+            return "core"
         lam = self._host_lam.read(self.lam, "lam")  # validated, read once per change
-        return lam == 0.0 and all_sum is None and self.nonfinite == "propagate" and x.numel() > 0
+        if lam == 0.0:
+            return "native"
+        assert self.moving_mean is not None
+        compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return "kernel" if self.moving_mean.dtype == compute_dtype else "core"
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """Normalize ``input``; in training, update the statistics in place.
@@ -474,9 +498,24 @@ class _MomentumBatchNorm(_DecayNorm):
                 nonfinite=self.nonfinite,
                 all_sum=all_sum,
             )
-        if self._fused(input, all_sum):
+        path = self._path(input, all_sum)
+        if path == "native":
             return self._native(input)
         state = self._state()
+        if path == "kernel":
+            y, new_state = kernel_momentum_batch_norm(
+                input,
+                self.weight,
+                self.bias,
+                state,
+                self._host_lam.read(self.lam, "lam"),
+                self._host_tau_or_tensor(),
+                eps=self.eps,
+            )
+            with torch.no_grad():
+                for buffer, value in zip(state, new_state, strict=True):
+                    buffer.copy_(value)
+            return y
         tau = self._tau() if self.training else self.inference_decay
         state_in = state
         if self.training and torch.compiler.is_compiling():

@@ -1,0 +1,119 @@
+"""``mbn_from_moments`` and ``kernel_terms``: MBN through a framework's fused BN kernels.
+
+The two BN kernels are emulated here in float64 NumPy exactly as PyTorch documents them
+(``native_batch_norm`` without affine parameters; ``native_batch_norm_backward`` in training
+mode with given statistics), and the terms must turn them into the core's MBN forward and
+backward to 1e-12.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import mbn_ref as mr
+
+EPS = 1e-5
+
+
+def _bn_forward_kernel(x: np.ndarray, axes: tuple[int, ...]) -> tuple[np.ndarray, ...]:
+    """The batch normalized with its own statistics, its mean and rstd (keepdims)."""
+    mean = x.mean(axis=axes, keepdims=True)
+    rstd = 1 / np.sqrt(x.var(axis=axes, keepdims=True) + EPS)
+    return (x - mean) * rstd, mean, rstd
+
+
+def _bn_backward_kernel(dy, x, mean, rstd, weight, axes):
+    """BN's training gradient for the statistics given, and sum(dy*xhat)."""
+    xhat = (x - mean) * rstd
+    m = x.size // mean.size
+    sum_dy = dy.sum(axis=axes, keepdims=True)
+    sum_dy_xhat = (dy * xhat).sum(axis=axes, keepdims=True)
+    return weight * rstd * (dy - sum_dy / m - xhat * sum_dy_xhat / m), sum_dy_xhat
+
+
+def _channel(v: np.ndarray, ndim: int) -> np.ndarray:
+    return v.reshape((1, -1) + (1,) * (ndim - 2))
+
+
+CASES = [
+    ((8, 3), 0.3, True, True),
+    ((4, 3, 5, 6), 0.9, True, False),
+    ((2, 3, 4), 0.5, False, True),
+    ((6, 2), 0.0, False, False),  # BN: the terms vanish into the kernels
+    ((6, 2), 1.0, True, True),  # history alone: no gradient through the batch
+]
+
+
+@pytest.mark.parametrize(("shape", "lam", "affine_scale", "affine_shift"), CASES)
+def test_the_kernels_and_the_terms_give_the_cores_mbn(shape, lam, affine_scale, affine_shift):
+    rng = np.random.default_rng(len(shape) * 10 + int(lam * 10))
+    c = shape[1]
+    axes = tuple(i for i in range(len(shape)) if i != 1)
+    x = rng.normal(3.0, 2.0, size=shape)
+    dy = rng.normal(size=shape)
+    gamma = rng.normal(1.0, 0.3, size=c) if affine_scale else None
+    beta = rng.normal(size=c) if affine_shift else None
+    state = mr.init_state(c)._replace(
+        moving_mean=rng.normal(size=c), moving_var=rng.uniform(0.5, 2.0, size=c)
+    )
+    y_core, state_core, ctx_core = mr.mbn_forward(
+        x, state, gamma, beta, lam=lam, tau=0.8, estimator="unbiased"
+    )
+    dx_core, _, _ = mr.backward(dy, ctx_core)
+
+    xhat_b, mu_b, rstd_b = _bn_forward_kernel(x, axes)
+    new_state, ctx = mr.mbn_from_moments(
+        x, state, gamma, beta, mu_b.ravel(), (1 / rstd_b**2 - EPS).ravel(),
+        lam=lam, tau=0.8, estimator="unbiased",
+    )  # fmt: skip
+    for a, e in zip(new_state, state_core, strict=True):
+        np.testing.assert_allclose(a, e, rtol=1e-12, atol=1e-12)
+    t = mr.kernel_terms(ctx, rstd_b.ravel(), beta)
+    y = _channel(t.scale, x.ndim) * xhat_b + _channel(t.offset, x.ndim)
+    np.testing.assert_allclose(y, y_core, rtol=1e-12, atol=1e-12)
+    mean, rstd = _channel(ctx.mean, x.ndim), _channel(ctx.rstd, x.ndim)
+    k, sum_dy_xhat = _bn_backward_kernel(dy, x, mean, rstd, _channel(t.weight, x.ndim), axes)
+    dx = k + _channel(t.dy_scale, x.ndim) * dy - _channel(t.shift, x.ndim) * sum_dy_xhat
+    np.testing.assert_allclose(dx, dx_core, rtol=1e-11, atol=1e-12)
+
+
+@pytest.mark.parametrize("tau", [None, 0.0, 0.99])
+@pytest.mark.parametrize("estimator", ["biased", "unbiased"])
+def test_from_moments_is_the_forward_training_step(tau, estimator):
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(5, 4))
+    state = mr.init_state(4)
+    for _ in range(3):
+        _, expected, ctx_f = mr.mbn_forward(x, state, lam=0.6, tau=tau, estimator=estimator)
+        new, ctx = mr.mbn_from_moments(
+            x, state, None, None, x.mean(0), x.var(0), lam=0.6, tau=tau, estimator=estimator
+        )
+        for a, e in zip(new, expected, strict=True):
+            np.testing.assert_allclose(a, e, rtol=1e-13)
+        for name in ("mean", "rstd", "stats_weight", "batch_mean"):
+            np.testing.assert_allclose(getattr(ctx, name), getattr(ctx_f, name), rtol=1e-13)
+        assert ctx.count == ctx_f.count == 5
+        state = new
+
+
+def test_from_moments_refuses_what_the_forward_refuses():
+    x = np.ones((1, 2))
+    with pytest.raises(ValueError, match="lam"):
+        mr.mbn_from_moments(x, mr.init_state(2), None, None, x[0], x[0] * 0, lam=1.5)
+    with pytest.raises(ValueError, match="unbiased"):
+        mr.mbn_from_moments(
+            x, mr.init_state(2), None, None, x[0], x[0] * 0, lam=0.5, estimator="unbiased"
+        )
+    with pytest.raises(ValueError, match=r"channels|shape"):
+        mr.mbn_from_moments(np.ones((2, 3)), mr.init_state(2), None, None, x[0], x[0], lam=0.5)
+
+
+def test_terms_refuse_contexts_the_kernels_cannot_serve():
+    x = np.random.default_rng(0).normal(size=(4, 2))
+    _, _, eval_ctx = mr.mbn_forward(x, mr.init_state(2), training=False)
+    with pytest.raises(ValueError, match="training step"):
+        mr.kernel_terms(eval_ctx, np.ones(2))
+    _, _, sync_ctx = mr.mbn_forward(x, mr.init_state(2), lam=0.5, all_sum=lambda a: a)
+    with pytest.raises(ValueError, match="synchronized"):
+        mr.kernel_terms(sync_ctx, np.ones(2))
