@@ -9,6 +9,7 @@ import json
 import math
 import subprocess
 import sys
+import types
 from pathlib import Path
 from typing import Any
 
@@ -127,9 +128,11 @@ def test_quick_writes_the_figure(quick: Any) -> None:
         ["--epochs", "0"],
         ["--lr", "-1"],
         ["--nproc", "0"],
-        ["--data", "cifar10"],
-        ["--data-dir", "x"],
-        ["--framework", "keras"],
+        ["--data", "cifar10"],  # without --data-dir
+        ["--data-dir", "x"],  # with the digits
+        ["--framework", "keras", "--nproc", "2"],
+        ["--framework", "keras", "--device", "cpu"],
+        ["--train-limit", "0"],
         ["--no-such-option"],
     ],
 )
@@ -143,10 +146,40 @@ def test_usage_errors_exit_2_and_write_nothing(
     assert not out.exists()
 
 
-def test_not_implemented_yet_is_said(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    for argv in (["--data", "cifar10"], ["--framework", "keras"]):
-        assert main(["reproduce", *argv, "--out", str(tmp_path / "o")]) == 2
-        assert "not implemented yet" in capsys.readouterr().err
+def test_keras_without_mbn_tf_is_a_usage_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.setitem(sys.modules, "mbn_tf.reproduce", None)  # import fails: ImportError
+    out = tmp_path / "o"
+    assert main(["reproduce", "--framework", "keras", "--quick", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert "--framework keras needs TensorFlow/Keras and mbn_tf.reproduce" in err
+    assert not out.exists()
+
+
+def test_keras_dispatches_to_mbn_tf(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """--framework keras calls mbn_tf.reproduce.run_experiment(config, data, on_step=...)."""
+    calls: list[tuple[Config, Any]] = []
+
+    def fake(config: Config, data: Any, on_step: Any = None) -> list[RunResult]:
+        calls.append((config, data))
+        return [RunResult("mlp", n, m, s, 0.5, 0.5, 1.0, 1, 0.0) for _, n, m, s in config.runs()]
+
+    module = types.ModuleType("mbn_tf.reproduce")
+    module.run_experiment = fake  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "mbn_tf.reproduce", module)
+    argv = ["reproduce", "--framework", "keras", "--norms", "bn", "--batch-sizes", "4"]
+    argv += ["--seeds", "0", "--no-plot", "--no-progress", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    ((config, data),) = calls
+    assert config.norms == ("bn",) and config.data == "digits" and len(data.y_train) == 1347
+    report = json.loads((tmp_path / "reproduce.json").read_text(encoding="utf-8"))
+    assert report["framework"] == "keras" and "keras" in report["versions"]
+    assert [r["norm"] for r in report["results"]] == ["bn"]
+    assert "torch on" not in capsys.readouterr().out  # no torch device is claimed
 
 
 def test_unwritable_output_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -302,6 +335,25 @@ def test_nproc_two_gloo_processes(tmp_path: Path) -> None:
     (rec,) = report["results"]
     assert rec["nproc"] == 2 and rec["steps"] == 1347 // 64
     assert rec["test_accuracy"] > 0.5
+
+
+def test_nproc_failure_exits_1_and_leaves_no_report(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mbn_torch.reproduce import multiproc
+
+    def failing(*args: Any, nproc: int, **kwargs: Any) -> RunResult:
+        raise multiproc.WorkerError(f"process 1 of {nproc} failed: RuntimeError: boom")
+
+    monkeypatch.setattr(multiproc, "train_spawned", failing)
+    argv = ["reproduce", "--quick", "--nproc", "2", "--no-progress", "--out", str(tmp_path)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == (
+        "mbn-ref reproduce: error: a run failed: process 1 of 2 failed: RuntimeError: boom"
+    )
+    assert not (tmp_path / "reproduce.json").exists()
+    assert not (tmp_path / "reproduce.png").exists()
 
 
 @pytest.mark.parametrize("name", ["", ".data", ".models", ".experiment", ".output", ".cli"])

@@ -5,17 +5,23 @@
     mbn-ref reproduce --full               # both models, every normalization, 3 seeds
     mbn-ref reproduce --norms bn,mbn --batch-sizes 2,4 --seeds 0,1,2 --epochs 20
     mbn-ref reproduce --quick --nproc 2     # the paper's multi-device setting (gloo)
+    mbn-ref reproduce --data cifar10 --data-dir PATH --quick   # ResNet-18 on CIFAR-10
+    mbn-ref reproduce --framework keras --quick                # the Keras adapter (mbn_tf)
 
-Trains on scikit-learn's digits (no download) and writes, under ``--out`` (default
-``mbn-reproduce``): ``reproduce.png`` (accuracy against batch size, ``lam(t)`` and ``tau``,
-batch statistics against the noise model) and ``reproduce.json`` (every number, the
-configuration and the versions). The table goes to stdout, the progress bar to stderr.
+Trains on scikit-learn's digits (no download) or, with ``--data cifar10 --data-dir PATH``,
+on CIFAR-10's binary files (:mod:`~mbn_torch.reproduce.cifar`) with a ResNet-18, and writes,
+under ``--out`` (default ``mbn-reproduce``): ``reproduce.png`` (accuracy against batch
+size, ``lam(t)`` and ``tau``, batch statistics against the noise model) and
+``reproduce.json`` (every number, the data set, the configuration and the versions). The
+table goes to stdout, the progress bar to stderr. ``--framework keras`` runs the digits
+with ``mbn_tf.reproduce.run_experiment`` (the Keras adapter) instead of PyTorch.
 
 :func:`register` is the entry point ``reproduce`` of the group ``mbn_ref.commands``
 (``pyproject.toml``); :mod:`mbn_ref.cli` loads it only when ``mbn-ref reproduce`` is used.
-Exit status: 0 on success, 2 on a usage error (a bad option value, an option not
-implemented yet (``--data cifar10``, ``--framework keras``), an output that cannot be
-written, a missing optional dependency).
+Exit status: 0 on success, 1 when a run fails (a process of ``--nproc`` that failed, one
+line with its error), 2 on a usage error (a bad option value or combination, CIFAR-10 files
+that are missing or malformed, an output that cannot be written, a missing optional
+dependency: scikit-learn, TensorFlow for ``--framework keras``, CUDA for ``--device cuda``).
 
 >>> import argparse
 >>> parser = argparse.ArgumentParser(prog="mbn-ref")
@@ -23,6 +29,10 @@ written, a missing optional dependency).
 >>> args = parser.parse_args(["reproduce", "--quick", "--seeds", "3"])
 >>> config_from_args(args).seeds, config_from_args(args).preset
 ((3,), 'custom')
+>>> args = parser.parse_args(["reproduce", "--data", "cifar10", "--data-dir", "d", "--quick"])
+>>> cfg = config_from_args(args)
+>>> cfg.models, cfg.epochs, cfg.train_limit, cfg.lr_batch_size, cfg.weight_decay
+(('resnet18',), 2, 5000, 64, 0.0001)
 """
 
 from __future__ import annotations
@@ -35,11 +45,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .experiment import PRESETS, Config, steps_per_run
+from .data import DATASETS
+from .experiment import PRESETS_BY_DATA, Config, RunResult, steps_per_run
 
 __all__ = ["config_from_args", "main", "register", "run_command"]
 
 PROG = "mbn-ref reproduce"
+
+FRAMEWORKS = ("torch", "keras")
 
 EPILOG = """\
 examples:
@@ -48,10 +61,25 @@ examples:
   mbn-ref reproduce --full                            everything (about 10 minutes)
   mbn-ref reproduce --norms bn,mbn --batch-sizes 2 --seeds 0,1,2,3 --no-plot --json r.json
   mbn-ref reproduce --quick --nproc 2                 2 processes (gloo), m per process
+  mbn-ref reproduce --data cifar10 --data-dir ~/data --quick       CIFAR-10, to try it
+  mbn-ref reproduce --data cifar10 --data-dir ~/data --full --device cuda   the paper's
+  mbn-ref reproduce --data cifar10 --data-dir ~/data --train-limit 2000 --epochs 3
+  mbn-ref reproduce --framework keras --quick         the digits with Keras (mbn_tf)
 
 normalizations: none, bn (BatchNorm), mbn (Momentum BN), gn (GroupNorm), ln (LayerNorm),
-in (InstanceNorm, CNN only). BN and MBN share the inference decay tau of Eq. 12.
-exit status: 0 success, 2 usage error (also: not implemented yet, unwritable output).
+in (InstanceNorm, not on the MLP). BN and MBN share the inference decay tau of Eq. 12.
+
+digits (default): scikit-learn's 8x8 digits, no download; models mlp, cnn; lr 0.1 * m / 32.
+cifar10: CIFAR-10's binary version (cifar-10-binary.tar.gz, unpacked: PATH is its
+  cifar-10-batches-bin directory or the parent), ResNet-18, SGD lr 0.1 * m / 64, momentum
+  0.9, weight decay 1e-4, /10 at 60% and 90%, random crop and flip. Presets: --full is the
+  paper's (none/BN/MBN/GN, m = 2..32, 200 epochs: days on a GPU); the default (BN/MBN/GN,
+  m = 2, 8, 32, 10 epochs, 1 seed) takes hours on a GPU (estimated), too long on a CPU;
+  --quick (BN/MBN, m = 2, 32, 2 epochs, first 5000 train / 1000 test images) is to try
+  it: about 1.5 hours on 2 CPU cores. --train-limit/--test-limit N keep the first N images.
+  The device is cuda when available (--device to choose); the digits run on cpu.
+exit status: 0 success, 1 a run failed (a --nproc process: its error), 2 usage error
+(bad option or data files, unwritable output, missing dependency).
 """
 
 
@@ -96,21 +124,74 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The subcommand's options, on ``parser``."""
     preset = parser.add_mutually_exclusive_group()
     preset.add_argument(
-        "--quick", action="store_true", help="the CI preset: BN and MBN, m = 2 and 32, 1 seed"
+        "--quick",
+        action="store_true",
+        help="the short preset: BN and MBN, m = 2 and 32 (digits: the CI check; cifar10: "
+        "2 epochs on 5000 training images)",
     )
     preset.add_argument(
         "--full",
         action="store_true",
-        help="both models, every normalization, m = 2, 4, 8, 16, 32, three seeds",
+        help="digits: both models, every normalization, m = 2, 4, 8, 16, 32, three seeds; "
+        "cifar10: the paper's setting (200 epochs)",
     )
     grid = parser.add_argument_group("the grid (each overrides the preset)")
-    grid.add_argument("--models", type=_name_list, metavar="LIST", help="mlp,cnn")
+    grid.add_argument(
+        "--models", type=_name_list, metavar="LIST", help="mlp,cnn (digits); resnet18 (cifar10)"
+    )
     grid.add_argument("--norms", type=_name_list, metavar="LIST", help="none,bn,mbn,gn,ln,in")
     grid.add_argument("--batch-sizes", type=_int_list, metavar="LIST", help="e.g. 2,8,32")
     grid.add_argument("--seeds", type=_int_list, metavar="LIST", help="e.g. 0,1")
     grid.add_argument("--epochs", type=_positive_int, metavar="T", help="epochs per run")
     grid.add_argument(
-        "--lr", type=float, metavar="LR", help="SGD learning rate at m = 32 (scaled by m/32)"
+        "--lr",
+        type=float,
+        metavar="LR",
+        help="SGD learning rate at m = 32 on digits, m = 64 on cifar10 (scaled by m)",
+    )
+    grid.add_argument(
+        "--nproc",
+        type=_positive_int,
+        default=1,
+        metavar="K",
+        help="the paper's multi-device setting: K gloo processes per run (CPU), batch sizes "
+        "per process, per-device BN/MBN statistics merged for inference (default 1)",
+    )
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--data", choices=DATASETS, default="digits", help="the data set (default: digits)"
+    )
+    data.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="cifar10: the cifar-10-batches-bin directory of CIFAR-10's binary version (or "
+        "its parent); required with cifar10",
+    )
+    data.add_argument(
+        "--train-limit",
+        type=_positive_int,
+        metavar="N",
+        help="use the first N training samples only (overrides the preset)",
+    )
+    data.add_argument(
+        "--test-limit",
+        type=_positive_int,
+        metavar="N",
+        help="use the first N test samples only (overrides the preset)",
+    )
+    engine = parser.add_argument_group("engine")
+    engine.add_argument(
+        "--framework",
+        choices=FRAMEWORKS,
+        default="torch",
+        help="torch (mbn_torch) or keras (mbn_tf; the digits, one process) (default: torch)",
+    )
+    engine.add_argument(
+        "--device",
+        metavar="DEVICE",
+        help="torch device: cpu, cuda, cuda:1 (default: cuda if available for cifar10, else cpu)",
     )
     out = parser.add_argument_group("output")
     out.add_argument(
@@ -125,18 +206,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     out.add_argument("--no-plot", action="store_true", help="write no figure")
     out.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    grid.add_argument(
-        "--nproc",
-        type=_positive_int,
-        default=1,
-        metavar="K",
-        help="the paper's multi-device setting: K gloo processes per run, batch sizes per "
-        "process, per-device BN/MBN statistics merged for inference (default 1)",
-    )
-    later = parser.add_argument_group("not implemented yet (usage error when changed)")
-    later.add_argument("--data", default="digits", help="digits (cifar10: not yet)")
-    later.add_argument("--data-dir", type=Path, default=None, help="CIFAR-10 binary directory")
-    later.add_argument("--framework", default="torch", help="torch (keras: not yet)")
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -145,10 +214,11 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "reproduce",
         help="reproduce the paper's claim: BN collapses at batch size 2, MBN does not",
         description=(
-            "Train an MLP (and a small CNN) on scikit-learn's digits with no normalization, "
-            "BN, MBN (Eq. 11/12 through mbn_torch.MomentumScheduler), GroupNorm, LayerNorm "
-            "and InstanceNorm at small and large batch sizes; print the test accuracy "
-            "table, write a figure after the paper's Fig. 4 and Fig. 1 and a JSON report."
+            "Train an MLP (and a small CNN) on scikit-learn's digits, or a ResNet-18 on "
+            "CIFAR-10 (--data cifar10 --data-dir PATH), with no normalization, BN, MBN "
+            "(Eq. 11/12 through mbn_torch.MomentumScheduler), GroupNorm, LayerNorm and "
+            "InstanceNorm at small and large batch sizes; print the test accuracy table, "
+            "write a figure after the paper's Fig. 4 and Fig. 1 and a JSON report."
         ),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -158,42 +228,85 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
+def _device(args: argparse.Namespace) -> str:
+    """The torch device: ``--device``, else cuda for CIFAR-10 when there is one, else cpu."""
+    import torch
+
+    if args.device is None:
+        use_cuda = args.data == "cifar10" and args.nproc == 1 and torch.cuda.is_available()
+        return "cuda" if use_cuda else "cpu"
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device: not a torch device: {args.device!r}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise UsageError(
+                f"--device {args.device}: CUDA is not available here ({count} CUDA devices, "
+                f"torch {torch.__version__}); use --device cpu"
+            )
+    elif device.type != "cpu":
+        raise UsageError(f"--device {args.device}: only cpu and cuda are supported")
+    return args.device  # type: ignore[no-any-return]
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     """The :class:`~mbn_torch.reproduce.experiment.Config` the options select.
+
+    The preset (``--quick``, ``--full``, or the default) is the data set's
+    (:data:`~mbn_torch.reproduce.experiment.PRESETS_BY_DATA`); the grid and limit options
+    override it (the preset is then ``custom``); the device is :func:`_device`'s.
 
     Raises
     ------
     UsageError
-        A bad value (unknown name, batch size below 2, ...).
+        A bad value (unknown name, batch size below 2, a device that is not there, ...).
     """
-    base = PRESETS["quick" if args.quick else "full" if args.full else "default"]
+    base = PRESETS_BY_DATA[args.data]["quick" if args.quick else "full" if args.full else "default"]
+    names = ("models", "norms", "batch_sizes", "seeds", "epochs", "lr", "train_limit")
     changes = {
         name: getattr(args, name)
-        for name in ("models", "norms", "batch_sizes", "seeds", "epochs", "lr")
+        for name in (*names, "test_limit")
         if getattr(args, name) is not None
     }
     if args.nproc != 1:
         changes["nproc"] = args.nproc
     if changes:
         changes["preset"] = "custom"
+    device = _device(args) if args.framework == "torch" else "cpu"
     try:
-        return dataclasses.replace(base, **changes)
+        return dataclasses.replace(base, **changes, device=device)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
 
-def _not_yet(args: argparse.Namespace) -> None:
-    if args.data != "digits" or args.data_dir is not None:
+def _check_options(args: argparse.Namespace) -> None:
+    """The combinations of options that make no sense, as usage errors."""
+    if args.data == "cifar10" and args.data_dir is None:
         raise UsageError(
-            "--data cifar10 / --data-dir (CIFAR-10, ResNet-18) are not implemented yet"
+            "--data cifar10 needs --data-dir PATH: the cifar-10-batches-bin directory of "
+            "CIFAR-10's binary version (cifar-10-binary.tar.gz, unpacked), or its parent"
         )
-    if args.framework != "torch":
-        raise UsageError("--framework keras is not implemented yet (only torch)")
+    if args.data == "digits" and args.data_dir is not None:
+        raise UsageError(
+            "--data-dir is for --data cifar10 (the digits ship with scikit-learn); "
+            "add --data cifar10 or drop --data-dir"
+        )
+    if args.framework == "keras":
+        if args.data != "digits":
+            raise UsageError(
+                "--framework keras runs the digits (MLP/CNN) only; CIFAR-10 needs --framework torch"
+            )
+        if args.nproc != 1:
+            raise UsageError("--framework keras runs in one process; --nproc needs torch")
+        if args.device is not None:
+            raise UsageError("--device is for --framework torch (Keras picks its device)")
 
 
-def _check_dependencies() -> None:
+def _check_dependencies(args: argparse.Namespace) -> None:
     missing = []
-    for module in ("sklearn", "tqdm", "scipy"):
+    for module in ("sklearn", "tqdm", "scipy") if args.data == "digits" else ("tqdm", "scipy"):
         try:
             __import__(module)
         except ImportError:
@@ -204,19 +317,59 @@ def _check_dependencies() -> None:
         )
 
 
-def _outputs(args: argparse.Namespace) -> tuple[Path, Path | None]:
-    """Create the output directory and check the outputs can be written, before any run."""
+Experiment = Callable[..., list[RunResult]]
+
+
+def _experiment(framework: str) -> Experiment:
+    """The ``run_experiment`` of ``framework``: mbn_torch's, or mbn_tf's for keras."""
+    if framework == "keras":
+        try:
+            from mbn_tf.reproduce import run_experiment as keras_experiment
+        except ImportError as exc:
+            reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+            raise UsageError(
+                f"--framework keras needs TensorFlow/Keras and mbn_tf.reproduce, which cannot "
+                f"be imported ({reason}); pip install 'mbn-ref[tensorflow]' or use "
+                f"--framework torch"
+            ) from None
+        return keras_experiment  # type: ignore[no-any-return]
+    from .experiment import run_experiment
+
+    return run_experiment
+
+
+def _load_data(args: argparse.Namespace, config: Config) -> Any:
+    from .data import load_dataset
+
+    path = None if args.data_dir is None else str(args.data_dir)
+    try:
+        return load_dataset(
+            args.data, path=path, train_limit=config.train_limit, test_limit=config.test_limit
+        )
+    except ValueError as exc:  # Cifar10Error included: missing or malformed files
+        raise UsageError(str(exc)) from None
+
+
+def _outputs(args: argparse.Namespace) -> tuple[Path, Path | None, list[Path]]:
+    """Create the output directory and check the outputs can be written, before any run.
+
+    Returns the JSON and figure paths and the files this check created (empty: removed if
+    the runs fail).
+    """
     json_path: Path = args.json if args.json is not None else args.out / "reproduce.json"
     png = None if args.no_plot else args.out / "reproduce.png"
+    created = []
     try:
         for path in (json_path, png):
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
+                if not path.exists():
+                    created.append(path)
                 with open(path, "a", encoding="utf-8"):
                     pass
     except OSError as exc:
         raise UsageError(f"cannot write the outputs under {args.out}: {exc}") from None
-    return json_path, png
+    return json_path, png, created
 
 
 def _progress(total: int, disable: bool) -> tuple[Callable[[], None], Callable[[], None]]:
@@ -232,39 +385,70 @@ def _progress(total: int, disable: bool) -> tuple[Callable[[], None], Callable[[
 
 def run_command(args: argparse.Namespace) -> int:
     """Run the subcommand for parsed ``args``; returns the exit status."""
+    from .multiproc import WorkerError
+
     try:
         return _run(args)
     except UsageError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
+    except WorkerError as exc:
+        print(f"{PROG}: error: a run failed: {exc}", file=sys.stderr)
+        return 1
 
 
 def _run(args: argparse.Namespace) -> int:
-    _not_yet(args)
+    _check_options(args)
     config = config_from_args(args)
-    _check_dependencies()
-    json_path, png = _outputs(args)
+    _check_dependencies(args)
+    run_experiment = _experiment(args.framework)
+    data = _load_data(args, config)  # before any output: bad files leave nothing behind
+    largest = max(config.batch_sizes) * config.nproc
+    if len(data.y_train) < largest:
+        raise UsageError(
+            f"{len(data.y_train)} training samples are fewer than one batch of {largest} "
+            f"(batch size {max(config.batch_sizes)} x {config.nproc} processes): raise "
+            f"--train-limit or lower --batch-sizes"
+        )
+    json_path, png, created = _outputs(args)
 
     import torch
 
-    from .data import load_digits_split
-    from .experiment import run_experiment
     from .output import SAME_TAU_NOTE, format_table, make_report, plot, write_json
 
-    torch.set_num_threads(1)  # tiny models: one thread is the fastest, and reproducible
-    data = load_digits_split()
+    if config.data == "digits":
+        torch.set_num_threads(1)  # tiny models: one thread is the fastest, and reproducible
     runs = config.runs()
+    total_steps = sum(steps_per_run(config, len(data.y_train)))
     procs = f"{config.nproc} processes per run (m per process), " if config.nproc > 1 else ""
+    where = f"{args.framework}" + (f" on {config.device}" if args.framework == "torch" else "")
     print(
         f"# {PROG}: {len(runs)} runs ({config.preset} preset), {config.epochs} epochs each, "
-        f"{procs}digits: {len(data.y_train)} train / {len(data.y_test)} test images",
+        f"{procs}{config.data} ({', '.join(config.models)}, {where}): "
+        f"{len(data.y_train)} train / {len(data.y_test)} test images, {total_steps} steps",
         flush=True,
     )
+    if config.data == "cifar10":
+        print(
+            "# CIFAR-10: the paper trains 200 epochs (--full); "
+            + (
+                "ResNet-18 on a CPU is slow: --quick, --train-limit N and --epochs T make it "
+                "shorter, --device cuda faster"
+                if config.device == "cpu"
+                else "--epochs T and --train-limit N make it shorter"
+            ),
+            flush=True,
+        )
     print(f"# {SAME_TAU_NOTE}", flush=True)
     start = time.perf_counter()
-    step, close = _progress(sum(steps_per_run(config, len(data.y_train))), args.no_progress)
+    step, close = _progress(total_steps, args.no_progress)
     try:
         results = run_experiment(config, data, on_step=step)
+    except BaseException:
+        for path in created:  # a failed run leaves no empty report behind
+            if path.exists() and path.stat().st_size == 0:
+                path.unlink()
+        raise
     finally:
         close()
     seconds = time.perf_counter() - start
@@ -272,20 +456,15 @@ def _run(args: argparse.Namespace) -> int:
     report = make_report(
         config,
         results,
-        data={
-            "name": "sklearn.datasets.load_digits",
-            "train": len(data.y_train),
-            "test": len(data.y_test),
-            "split_seed": data.split_seed,
-            "split": "stratified, standardized with the training set's statistics",
-        },
+        data=data.describe(),
         seconds=seconds,
         argv=sys.argv[1:],
+        framework=args.framework,
     )
     write_json(report, json_path)
     written = [str(json_path)]
     if png is not None:
-        plot(results, png)
+        plot(results, png, data_name=config.data)
         written.insert(0, str(png))
     print(f"# {seconds:.0f} s; wrote {', '.join(written)}")
     return 0

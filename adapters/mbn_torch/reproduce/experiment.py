@@ -2,16 +2,22 @@
 
 Every run trains one model (:func:`~mbn_torch.reproduce.models.make_model`) with one
 normalization at one batch size from one seed, with SGD (momentum 0.9, a learning rate
-scaled linearly with the batch size as in the paper: ``lr * m / 32``, divided by 10 at 60%
-and 90% of training), the last incomplete batch of each epoch dropped, and reports the test
-accuracy. The decays of BN and MBN come from :class:`mbn_torch.MomentumScheduler`, stepped
-once per epoch: MBN's training decay ``lam`` follows Eq. 11 (from the batch size and the
-number of epochs) and the inference decay ``tau`` of *both* BN and MBN is Eq. 12's, so the
-two differ only in how they normalize during training.
+scaled linearly with the batch size as in the paper: ``lr * m / lr_batch_size``, that is
+``0.1 * m / 32`` on the digits and the paper's ``0.1 * m / 64`` on CIFAR-10, divided by 10
+at 60% and 90% of training; weight decay 1e-4 on CIFAR-10, none on the digits), the data
+set's augmentation (CIFAR-10: random crop and flip), the last incomplete batch of each
+epoch dropped, and reports the test accuracy. One loop serves both data sets. The decays
+of BN and MBN come from :class:`mbn_torch.MomentumScheduler`, stepped once per epoch: MBN's
+training decay ``lam`` follows Eq. 11 (from the batch size and the number of epochs) and the
+inference decay ``tau`` of *both* BN and MBN is Eq. 12's, so the two differ only in how they
+normalize during training.
 
 >>> cfg = PRESETS["quick"]
 >>> cfg.models, cfg.norms, cfg.batch_sizes
 (('mlp',), ('bn', 'mbn'), (2, 32))
+>>> cifar = CIFAR10_PRESETS["full"]
+>>> cifar.models, cifar.batch_sizes, cifar.epochs, cifar.lr, cifar.lr_batch_size
+(('resnet18',), (2, 4, 8, 16, 32), 200, 0.1, 64)
 """
 
 from __future__ import annotations
@@ -23,18 +29,21 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..distributed import merge_inference_statistics
 from ..modules import _DecayNorm, _MomentumBatchNorm
 from ..scheduler import MomentumScheduler
-from .data import Digits
-from .models import MODELS, NORMS, make_model
+from .data import DATASETS, Dataset
+from .models import DATA_MODELS, MODELS, NORMS, make_model
 
 __all__ = [
+    "CIFAR10_PRESETS",
     "NORMS",
     "PRESETS",
+    "PRESETS_BY_DATA",
     "Config",
     "RunResult",
     "decay_scheduler",
@@ -46,6 +55,12 @@ __all__ = [
 BATCH_SIZES = (2, 4, 8, 16, 32)
 """The batch sizes of the paper's Fig. 4 range that ``--full`` runs."""
 
+EVAL_ELEMENTS = 2**22
+"""Input elements per forward pass when evaluating (1365 CIFAR images, every digit)."""
+
+TRAIN_EVAL_LIMIT = 10_000
+"""``train_accuracy`` is measured on the first (at most) this many training samples."""
+
 
 @dataclass(frozen=True)
 class Config:
@@ -54,8 +69,8 @@ class Config:
     Attributes
     ----------
     models, norms : tuple of str
-        From :data:`~mbn_torch.reproduce.models.MODELS` and :data:`NORMS`; ``in`` runs on the
-        CNN only (it is skipped for the MLP).
+        From the data set's models (:data:`~mbn_torch.reproduce.models.DATA_MODELS`) and
+        :data:`NORMS`; ``in`` is skipped for the MLP.
     batch_sizes : tuple of int
         Batch sizes (>= 2: BN needs two values per channel).
     seeds : tuple of int
@@ -63,7 +78,8 @@ class Config:
     epochs : int
         Epochs per run (``T`` of Eq. 11).
     lr : float
-        The learning rate at batch size 32 (scaled linearly: ``lr * m / 32``).
+        The learning rate at batch size ``lr_batch_size`` (scaled linearly:
+        ``lr * m / lr_batch_size``, ``m`` the total batch of all processes).
     ideal_batch_size, tau0 : float
         ``m0`` and ``tau0`` of Eq. 11/12 (the paper's §5.2: 32 and 0.85).
     preset : str
@@ -71,6 +87,18 @@ class Config:
     nproc : int
         Processes per run (the paper's multi-device setting; gloo on CPU); the batch sizes
         are per process.
+    data : str
+        The data set (:data:`~mbn_torch.reproduce.data.DATASETS`).
+    lr_batch_size : int
+        The batch size at which the learning rate is ``lr`` (32 on the digits, the paper's
+        64 on CIFAR-10).
+    weight_decay : float
+        SGD's weight decay (0 on the digits, the paper's 1e-4 on CIFAR-10).
+    train_limit, test_limit : int or None
+        Use only the first samples of each split (``None``: all).
+    device : str
+        The torch device of the runs (``cpu``, ``cuda``, ``cuda:1``); ``nproc > 1`` runs on
+        the CPU only.
     """
 
     models: tuple[str, ...] = ("mlp",)
@@ -83,11 +111,19 @@ class Config:
     tau0: float = 0.85
     preset: str = "default"
     nproc: int = 1
+    data: str = "digits"
+    lr_batch_size: int = 32
+    weight_decay: float = 0.0
+    train_limit: int | None = None
+    test_limit: int | None = None
+    device: str = "cpu"
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
+        if self.data not in DATASETS:
+            raise ValueError(f"unknown data set {self.data!r}; expected one of {DATASETS}")
         for name, values, allowed in (
-            ("models", self.models, MODELS),
+            ("models", self.models, DATA_MODELS[self.data]),
             ("norms", self.norms, NORMS),
         ):
             if not values:
@@ -95,7 +131,9 @@ class Config:
             bad = [v for v in values if v not in allowed]
             if bad:
                 raise ValueError(
-                    f"{name}: unknown {bad[0]!r}; expected some of {', '.join(allowed)}"
+                    f"{name}: unknown {bad[0]!r}"
+                    + (f" with {self.data}" if name == "models" else "")
+                    + f"; expected some of {', '.join(allowed)}"
                 )
         if not self.batch_sizes or min(self.batch_sizes) < 2:
             raise ValueError("batch sizes must be >= 2 (BN needs two values per channel)")
@@ -107,6 +145,22 @@ class Config:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.lr_batch_size < 1:
+            raise ValueError(f"lr_batch_size must be >= 1, got {self.lr_batch_size}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        for name, limit in (("train_limit", self.train_limit), ("test_limit", self.test_limit)):
+            if limit is not None and limit < 1:
+                raise ValueError(f"{name} must be >= 1, got {limit}")
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, ValueError):
+            raise ValueError(f"device: not a torch device: {self.device!r}") from None
+        if self.nproc > 1 and device.type != "cpu":
+            raise ValueError(
+                f"nproc > 1 runs on the CPU (gloo processes), not on {self.device}; "
+                "use --nproc 1 with --device cuda"
+            )
         if not self.runs():
             raise ValueError("nothing to run: InstanceNorm ('in') needs the CNN (--models cnn)")
 
@@ -142,10 +196,51 @@ PRESETS: dict[str, Config] = {
         preset="full",
     ),
 }
-"""The presets: ``default`` (README's command: the MLP, none/BN/MBN/GroupNorm at batch sizes
-2, 4, 8, 16 and 32, two seeds), ``quick`` (for CI: BN and MBN on the MLP at batch sizes 2
-and 32, two seeds, 4 epochs) and ``full`` (both models, every normalization and batch size,
-three seeds)."""
+"""The digits' presets: ``default`` (README's command: the MLP, none/BN/MBN/GroupNorm at
+batch sizes 2, 4, 8, 16 and 32, two seeds), ``quick`` (for CI: BN and MBN on the MLP at
+batch sizes 2 and 32, two seeds, 4 epochs) and ``full`` (both models, every normalization
+and batch size, three seeds)."""
+
+_CIFAR10 = Config(
+    data="cifar10",
+    models=("resnet18",),
+    norms=("bn", "mbn", "gn"),
+    batch_sizes=(2, 8, 32),
+    seeds=(0,),
+    epochs=10,
+    lr=0.1,
+    lr_batch_size=64,
+    weight_decay=1e-4,
+)
+
+CIFAR10_PRESETS: dict[str, Config] = {
+    "default": _CIFAR10,
+    "quick": dataclasses.replace(
+        _CIFAR10,
+        norms=("bn", "mbn"),
+        batch_sizes=(2, 32),
+        epochs=2,
+        train_limit=5000,
+        test_limit=1000,
+        preset="quick",
+    ),
+    "full": dataclasses.replace(
+        _CIFAR10,
+        norms=("none", "bn", "mbn", "gn"),
+        batch_sizes=BATCH_SIZES,
+        epochs=200,
+        preset="full",
+    ),
+}
+"""CIFAR-10's presets (ResNet-18; SGD with the paper's ``0.1 * m / 64``, weight decay 1e-4,
+crop and flip): ``full`` is the paper's setting (none/BN/MBN/GroupNorm at batch sizes 2..32,
+200 epochs: days on one GPU); ``default`` (BN, MBN, GroupNorm at batch sizes 2, 8 and 32,
+one seed, 10 epochs: hours on a GPU, impractical on a CPU); ``quick`` (BN and MBN at batch
+sizes 2 and 32, 2 epochs on the first 5000 training and 1000 test images: to try it; about
+1.5 hours on 2 shared CPU cores, from measured steps of 0.12 s at m = 2 and 4 s at m = 32)."""
+
+PRESETS_BY_DATA: dict[str, dict[str, Config]] = {"digits": PRESETS, "cifar10": CIFAR10_PRESETS}
+"""The presets of each data set."""
 
 
 @dataclass
@@ -159,7 +254,8 @@ class RunResult:
     batch_size, seed : int
         The batch size and seed.
     test_accuracy, train_accuracy : float
-        Fractions in [0, 1], in evaluation mode (inference statistics) after training.
+        Fractions in [0, 1], in evaluation mode (inference statistics) after training
+        (``train_accuracy`` on the first 10000 training samples at most).
     final_train_loss : float
         The mean training loss of the last epoch (NaN when it diverged).
     steps : int
@@ -201,8 +297,13 @@ class RunResult:
 
 def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     model.eval()
+    correct = 0
+    chunk = max(1, EVAL_ELEMENTS // max(x[:1].numel(), 1))
     with torch.no_grad():
-        return float((model(x).argmax(dim=1) == y).double().mean())
+        for i in range(0, len(y), chunk):
+            out = model(x[i : i + chunk])
+            correct += int((out.argmax(dim=1) == y[i : i + chunk]).sum())
+    return correct / max(len(y), 1)
 
 
 class _Recorder:
@@ -275,7 +376,7 @@ def decay_scheduler(
 
 
 def train_one(
-    data: Digits,
+    data: Dataset,
     model_name: str,
     norm: str,
     batch_size: int,
@@ -283,8 +384,11 @@ def train_one(
     *,
     epochs: int,
     lr: float = 0.1,
+    lr_batch_size: int = 32,
+    weight_decay: float = 0.0,
     ideal_batch_size: float = 32,
     tau0: float = 0.85,
+    device: str = "cpu",
     record: bool = False,
     on_step: Callable[[], None] | None = None,
     rank: int = 0,
@@ -294,8 +398,9 @@ def train_one(
 
     Parameters
     ----------
-    data : Digits
-        The data (:func:`~mbn_torch.reproduce.data.load_digits_split`).
+    data : Dataset
+        The data (:func:`~mbn_torch.reproduce.data.load_dataset`); its ``augment`` is
+        applied to every training batch.
     model_name, norm : str
         The model and the normalization (:func:`~mbn_torch.reproduce.models.make_model`).
     batch_size, seed : int
@@ -303,9 +408,16 @@ def train_one(
     epochs : int
         Epochs (``T`` of Eq. 11).
     lr : float, optional
-        The learning rate at batch size 32 (``lr * batch_size / 32`` is used).
+        The learning rate at batch size ``lr_batch_size`` (``lr * batch_size /
+        lr_batch_size`` is used).
+    lr_batch_size : int, optional
+        See ``lr``.
+    weight_decay : float, optional
+        SGD's weight decay.
     ideal_batch_size, tau0 : float, optional
         ``m0`` and ``tau0`` of Eq. 11/12.
+    device : str, optional
+        The torch device of the model and the data.
     record : bool, optional
         Record channel 0 of the first BN/MBN layer over the last epoch.
     on_step : callable, optional
@@ -335,7 +447,8 @@ def train_one(
     """
     start = time.perf_counter()
     torch.manual_seed(seed)
-    model = make_model(model_name, norm, data.num_classes)
+    model = make_model(model_name, norm, data.num_classes).to(device)
+    x_train, y_train = data.x_train.to(device), data.y_train.to(device)
     net: nn.Module = model
     if world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -343,8 +456,16 @@ def train_one(
         # per-device statistics: rank 0's buffers must not overwrite the others' each step
         net = DistributedDataParallel(model, forward_sync_buffers=False)
     gen = torch.Generator().manual_seed(seed)  # the same order on every rank
+    # the augmentation's draws: apart from the order's, and different on every rank
+    aug_seed = int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+    aug_gen = torch.Generator().manual_seed(aug_seed)
     total_batch = batch_size * world_size
-    opt = torch.optim.SGD(model.parameters(), lr=lr * total_batch / 32, momentum=0.9)
+    opt = torch.optim.SGD(
+        model.parameters(),
+        lr=lr * total_batch / lr_batch_size,
+        momentum=0.9,
+        weight_decay=weight_decay,
+    )
     lr_sched = torch.optim.lr_scheduler.MultiStepLR(
         opt, milestones=[round(0.6 * epochs), round(0.9 * epochs)], gamma=0.1
     )
@@ -355,7 +476,7 @@ def train_one(
     has_lam = any(isinstance(m, _MomentumBatchNorm) for m in decay_modules)
     recorder = _Recorder(decay_modules[0]) if record and decay_modules else None
     loss_fn = nn.CrossEntropyLoss()
-    n = len(data.y_train)
+    n = len(y_train)
     lams: list[float] = []
     steps = 0
     loss_sum, loss_count = 0.0, 0
@@ -369,8 +490,8 @@ def train_one(
         loss_sum, loss_count = 0.0, 0
         for start in range(0, n - total_batch + 1, total_batch):  # the global batches
             i = start + rank * batch_size  # this rank's share: the same count on every rank
-            idx = order[i : i + batch_size]
-            loss = loss_fn(net(data.x_train[idx]), data.y_train[idx])
+            idx = order[i : i + batch_size].to(device)
+            loss = loss_fn(net(data.augment(x_train[idx], aug_gen)), y_train[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -390,8 +511,8 @@ def train_one(
         norm=norm,
         batch_size=batch_size,
         seed=seed,
-        test_accuracy=_accuracy(model, data.x_test, data.y_test),
-        train_accuracy=_accuracy(model, data.x_train, data.y_train),
+        test_accuracy=_accuracy(model, data.x_test.to(device), data.y_test.to(device)),
+        train_accuracy=_accuracy(model, x_train[:TRAIN_EVAL_LIMIT], y_train[:TRAIN_EVAL_LIMIT]),
         final_train_loss=loss_sum / max(loss_count, 1),
         steps=steps,
         seconds=time.perf_counter() - start,
@@ -409,7 +530,7 @@ def steps_per_run(config: Config, num_train: int) -> Iterator[int]:
 
 
 def run_experiment(
-    config: Config, data: Digits, *, on_step: Callable[[], None] | None = None
+    config: Config, data: Dataset, *, on_step: Callable[[], None] | None = None
 ) -> list[RunResult]:
     """Every run of ``config``, in the order of :meth:`Config.runs`.
 
@@ -423,6 +544,9 @@ def run_experiment(
     >>> [r.norm for r in run_experiment(cfg, load_digits_split())]
     ['none']
     """
+    name = getattr(data, "name", config.data)
+    if name != config.data:
+        raise ValueError(f"the configuration is for {config.data}, the data is {name}")
     m_min, seed0 = min(config.batch_sizes), config.seeds[0]
     train: Callable[..., RunResult] = train_one
     extra: dict[str, Any] = {}
@@ -439,8 +563,11 @@ def run_experiment(
             seed,
             epochs=config.epochs,
             lr=config.lr,
+            lr_batch_size=config.lr_batch_size,
+            weight_decay=config.weight_decay,
             ideal_batch_size=config.ideal_batch_size,
             tau0=config.tau0,
+            device=config.device,
             record=norm in ("bn", "mbn") and m == m_min and seed == seed0,
             on_step=on_step,
             **extra,

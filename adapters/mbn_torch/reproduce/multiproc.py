@@ -5,18 +5,23 @@ trains on its share (``batch_size`` samples) of each global batch of ``K * batch
 ``DistributedDataParallel`` averages the gradients; BN and MBN normalize with per-device
 statistics (the modules' default: no collective) and their inference statistics are merged
 across the processes by :func:`mbn_torch.merge_inference_statistics` before evaluating
-(:func:`~mbn_torch.reproduce.experiment.train_one` with ``rank``/``world_size``). Process 0
-reports the run.
+(:func:`~mbn_torch.reproduce.experiment.train_one` with ``rank``/``world_size``). Each
+process loads the data itself (:func:`~mbn_torch.reproduce.data.load_dataset` with the
+data's :meth:`~mbn_torch.reproduce.data.Dataset.source`: the digits' split, or CIFAR-10's
+files again); process 0 reports the run. A process that fails ends the run with a
+:class:`WorkerError` whose message is one line: which process, and its error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
+import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,37 +29,64 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from .data import Digits, load_digits_split
+from .data import Dataset, load_dataset
 from .experiment import RunResult, train_one
 
-__all__ = ["train_spawned"]
+__all__ = ["WorkerError", "train_spawned"]
+
+
+class WorkerError(RuntimeError):
+    """A process of a ``--nproc`` run failed; the message says which and why, on one line."""
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
 
 
 def _worker(
-    rank: int, world_size: int, store: str, out: str, split: dict[str, Any], args: dict[str, Any]
+    rank: int,
+    world_size: int,
+    tmp: str,
+    threads: int,
+    source: dict[str, Any],
+    args: dict[str, Any],
 ) -> None:
-    torch.set_num_threads(1)
-
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{store}",
-        rank=rank,
-        world_size=world_size,
-        timeout=datetime.timedelta(seconds=120),
-    )
+    torch.set_num_threads(threads)
     try:
-        # each process loads the (small, deterministic) split itself: no tensor crosses
-        # the process boundary
-        data = load_digits_split(**split)
-        result = train_one(data, **args, rank=rank, world_size=world_size)
-        if rank == 0:
-            Path(out).write_text(json.dumps(dataclasses.asdict(result)), encoding="utf-8")
+        dist.init_process_group(
+            "gloo",
+            init_method=f"file://{os.path.join(tmp, 'store')}",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=120),
+        )
+        try:
+            data = load_dataset(**source)  # no tensor crosses the process boundary
+            result = train_one(data, **args, rank=rank, world_size=world_size)
+            if rank == 0:
+                text = json.dumps(dataclasses.asdict(result))
+                Path(tmp, "result.json").write_text(text, encoding="utf-8")
+        finally:
+            dist.destroy_process_group()
+    except Exception as exc:
+        Path(tmp, f"error-{rank}.txt").write_text(_one_line(exc), encoding="utf-8")
+        raise
+
+
+@contextlib.contextmanager
+def _quiet_spawn_log() -> Iterator[None]:
+    """Silence torch's "Terminating process ..." warnings: the failure is reported once."""
+    log = logging.getLogger("torch.multiprocessing.spawn")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
     finally:
-        dist.destroy_process_group()
+        log.setLevel(level)
 
 
 def train_spawned(
-    data: Digits,
+    data: Dataset,
     model_name: str,
     norm: str,
     batch_size: int,
@@ -66,19 +98,18 @@ def train_spawned(
 ) -> RunResult:
     """:func:`~mbn_torch.reproduce.experiment.train_one` over ``nproc`` gloo processes.
 
-    ``batch_size`` is per process; every process loads the split of ``data`` itself
-    (:func:`~mbn_torch.reproduce.data.load_digits_split` with its ``split_seed`` and test
-    fraction). ``on_step`` is called once per optimizer step when the
-    run has finished (the processes report no progress). The other keyword arguments are
-    :func:`~mbn_torch.reproduce.experiment.train_one`'s.
+    ``batch_size`` is per process; every process loads ``data`` again from its
+    :meth:`~mbn_torch.reproduce.data.Dataset.source`. ``on_step`` is called once per
+    optimizer step when the run has finished (the processes report no progress). The other
+    keyword arguments are :func:`~mbn_torch.reproduce.experiment.train_one`'s. Each process
+    uses ``torch.get_num_threads() // nproc`` threads (at least 1).
 
     Raises
     ------
-    RuntimeError
-        A process failed (its error is in the message).
+    WorkerError
+        A process failed: ``process R of K failed: ErrorType: message`` (the first process
+        to fail; the others are stopped).
     """
-    split = {"test_size": len(data.y_test) / (len(data.y_test) + len(data.y_train))}
-    split["split_seed"] = data.split_seed
     args = {
         "model_name": model_name,
         "norm": norm,
@@ -86,10 +117,22 @@ def train_spawned(
         "seed": seed,
         **kwargs,
     }
+    threads = max(1, torch.get_num_threads() // nproc)
     with tempfile.TemporaryDirectory(prefix="mbn-reproduce-") as tmp:
-        store, out = os.path.join(tmp, "store"), os.path.join(tmp, "result.json")
-        mp.spawn(_worker, args=(nproc, store, out, split, args), nprocs=nproc, join=True)  # type: ignore[attr-defined,no-untyped-call]
-        result = RunResult(**json.loads(Path(out).read_text(encoding="utf-8")))
+        try:
+            with _quiet_spawn_log():
+                mp.spawn(  # type: ignore[attr-defined,no-untyped-call]
+                    _worker,
+                    args=(nproc, tmp, threads, data.source(), args),
+                    nprocs=nproc,
+                    join=True,
+                )
+        except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:  # type: ignore[attr-defined]
+            rank = exc.error_index
+            error = Path(tmp, f"error-{rank}.txt")
+            reason = error.read_text(encoding="utf-8") if error.exists() else str(exc).strip()
+            raise WorkerError(f"process {rank} of {nproc} failed: {reason}") from None
+        result = RunResult(**json.loads(Path(tmp, "result.json").read_text(encoding="utf-8")))
     if on_step is not None:
         for _ in range(result.steps):
             on_step()

@@ -98,12 +98,18 @@ def format_table(results: Sequence[RunResult]) -> str:
     )
 
 
-def versions() -> dict[str, str]:
-    """The versions of Python, the platform and the packages the experiment uses."""
+def versions(framework: str = "torch") -> dict[str, str]:
+    """The versions of Python, the platform and the packages the experiment uses.
+
+    With ``framework="keras"``, TensorFlow's and Keras' too.
+    """
     import importlib.metadata
 
     out = {"python": sys.version.split()[0], "platform": platform.platform()}
-    for dist in ("mbn-ref", "torch", "numpy", "scikit-learn", "scipy", "matplotlib", "tqdm"):
+    dists = ["mbn-ref", "torch", "numpy", "scikit-learn", "scipy", "matplotlib", "tqdm"]
+    if framework == "keras":
+        dists += ["tensorflow", "tensorflow-cpu", "keras"]
+    for dist in dists:
         try:
             out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -118,14 +124,19 @@ def make_report(
     data: dict[str, Any],
     seconds: float,
     argv: Sequence[str],
+    framework: str = "torch",
 ) -> dict[str, Any]:
-    """The JSON report: configuration, versions, every run, the summary, batch statistics."""
+    """The JSON report: configuration, versions, data, every run, the summary, statistics.
+
+    ``data`` is the data set's record (its ``describe()``: name, sizes, preprocessing).
+    """
     return {
         "command": "mbn-ref reproduce",
         "argv": list(argv),
+        "framework": framework,
         "configuration": config.to_dict(),
         "notes": [SAME_TAU_NOTE, "test_accuracy is a fraction in [0, 1]"],
-        "versions": versions(),
+        "versions": versions(framework),
         "data": data,
         "results": [r.record() for r in results],
         "summary": summarize(results),
@@ -237,13 +248,13 @@ def _noise_panels(ax_mu: Any, ax_sigma: Any, records: Sequence[RunResult]) -> No
     ax_sigma.legend(fontsize=7)
 
 
-def plot(results: Sequence[RunResult], path: Path) -> None:
+def plot(results: Sequence[RunResult], path: Path, *, data_name: str = "digits") -> None:
     """The figure: Fig. 4 after the paper, ``lam(t)`` and ``tau``, and Fig. 1 after it.
 
     Top row: test accuracy against batch size per normalization (one panel per model),
     then MBN's ``lam`` per epoch and the inference decay ``tau`` per batch size. Bottom
     row (when BN/MBN batch statistics were recorded): their distributions against the
-    noise model's.
+    noise model's. ``data_name`` goes into the titles.
     """
     import matplotlib
 
@@ -274,7 +285,7 @@ def plot(results: Sequence[RunResult], path: Path) -> None:
         ax.set_xticks(sizes, [str(s) for s in sizes])
         ax.set_xlabel("batch size m")
         ax.set_ylabel("test accuracy (%)")
-        ax.set_title(f"Fig. 4 after the paper: {model.upper()} on digits", fontsize=10)
+        ax.set_title(f"Fig. 4 after the paper: {model.upper()} on {data_name}", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     ax = axes[0][len(models)]
