@@ -211,6 +211,18 @@ def test_small_custom_run_in_process(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "GroupNorm" in capsys.readouterr().out
 
 
+def test_json_to_stdout(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--json -: stdout is the report alone (parseable), the table goes to stderr."""
+    argv = ["reproduce", "--norms", "gn", "--batch-sizes", "32", "--seeds", "0", "--epochs", "1"]
+    argv += ["--no-plot", "--no-progress", "--out", str(tmp_path / "out"), "--json", "-"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert [r["norm"] for r in report["results"]] == ["gn"]
+    assert "GroupNorm" in captured.err and "report to stdout" in captured.err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
 # ------------------------------------------------------------------------------ the pieces
 
 

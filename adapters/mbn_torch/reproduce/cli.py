@@ -39,6 +39,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -202,7 +204,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="directory of reproduce.png and reproduce.json (default: %(default)s)",
     )
     out.add_argument(
-        "--json", type=Path, metavar="PATH", help="the JSON report (default: DIR/reproduce.json)"
+        "--json",
+        type=Path,
+        metavar="PATH",
+        help="the JSON report (default: DIR/reproduce.json; '-': stdout, the table then goes "
+        "to stderr)",
     )
     out.add_argument("--no-plot", action="store_true", help="write no figure")
     out.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -323,8 +329,15 @@ Experiment = Callable[..., list[RunResult]]
 def _experiment(framework: str) -> Experiment:
     """The ``run_experiment`` of ``framework``: mbn_torch's, or mbn_tf's for keras."""
     if framework == "keras":
+        os.environ.setdefault("KERAS_BACKEND", "tensorflow")  # before Keras is imported
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up lines
         try:
             from mbn_tf.reproduce import run_experiment as keras_experiment
+            from mbn_tf.reproduce.experiment import require_tensorflow_backend
+
+            require_tensorflow_backend()
+        except RuntimeError as exc:  # Keras already runs on another backend
+            raise UsageError(str(exc)) from None
         except ImportError as exc:
             reason = " ".join(f"{type(exc).__name__}: {exc}".split())
             raise UsageError(
@@ -360,7 +373,7 @@ def _outputs(args: argparse.Namespace) -> tuple[Path, Path | None, list[Path]]:
     png = None if args.no_plot else args.out / "reproduce.png"
     created = []
     try:
-        for path in (json_path, png):
+        for path in (None if _to_stdout(args) else json_path, png):
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 if not path.exists():
@@ -370,6 +383,11 @@ def _outputs(args: argparse.Namespace) -> tuple[Path, Path | None, list[Path]]:
     except OSError as exc:
         raise UsageError(f"cannot write the outputs under {args.out}: {exc}") from None
     return json_path, png, created
+
+
+def _to_stdout(args: argparse.Namespace) -> bool:
+    """``--json -``: the report on stdout, everything else on stderr."""
+    return args.json is not None and str(args.json) == "-"
 
 
 def _progress(total: int, disable: bool) -> tuple[Callable[[], None], Callable[[], None]]:
@@ -411,6 +429,7 @@ def _run(args: argparse.Namespace) -> int:
             f"--train-limit or lower --batch-sizes"
         )
     json_path, png, created = _outputs(args)
+    say = functools.partial(print, file=sys.stderr if _to_stdout(args) else sys.stdout, flush=True)
 
     import torch
 
@@ -422,14 +441,14 @@ def _run(args: argparse.Namespace) -> int:
     total_steps = sum(steps_per_run(config, len(data.y_train)))
     procs = f"{config.nproc} processes per run (m per process), " if config.nproc > 1 else ""
     where = f"{args.framework}" + (f" on {config.device}" if args.framework == "torch" else "")
-    print(
+    say(
         f"# {PROG}: {len(runs)} runs ({config.preset} preset), {config.epochs} epochs each, "
         f"{procs}{config.data} ({', '.join(config.models)}, {where}): "
         f"{len(data.y_train)} train / {len(data.y_test)} test images, {total_steps} steps",
         flush=True,
     )
     if config.data == "cifar10":
-        print(
+        say(
             "# CIFAR-10: the paper trains 200 epochs (--full); "
             + (
                 "ResNet-18 on a CPU is slow: --quick, --train-limit N and --epochs T make it "
@@ -439,7 +458,7 @@ def _run(args: argparse.Namespace) -> int:
             ),
             flush=True,
         )
-    print(f"# {SAME_TAU_NOTE}", flush=True)
+    say(f"# {SAME_TAU_NOTE}")
     start = time.perf_counter()
     step, close = _progress(total_steps, args.no_progress)
     try:
@@ -452,7 +471,7 @@ def _run(args: argparse.Namespace) -> int:
     finally:
         close()
     seconds = time.perf_counter() - start
-    print(format_table(results))
+    say(format_table(results))
     report = make_report(
         config,
         results,
@@ -461,12 +480,16 @@ def _run(args: argparse.Namespace) -> int:
         argv=sys.argv[1:],
         framework=args.framework,
     )
-    write_json(report, json_path)
-    written = [str(json_path)]
+    if _to_stdout(args):
+        write_json(report, sys.stdout)
+        written = []
+    else:
+        write_json(report, json_path)
+        written = [str(json_path)]
     if png is not None:
         plot(results, png, data_name=config.data)
         written.insert(0, str(png))
-    print(f"# {seconds:.0f} s; wrote {', '.join(written)}")
+    say(f"# {seconds:.0f} s; wrote {', '.join(written) or 'the report to stdout'}")
     return 0
 
 

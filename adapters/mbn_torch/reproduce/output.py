@@ -20,7 +20,7 @@ import platform
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 
@@ -156,8 +156,8 @@ def make_report(
     }
 
 
-def write_json(report: dict[str, Any], path: Path) -> None:
-    """Write ``report`` to ``path`` (NaN as ``null``: strict JSON)."""
+def write_json(report: dict[str, Any], path: Path | TextIO) -> None:
+    """Write ``report`` to ``path`` or an open text stream (NaN as ``null``: strict JSON)."""
 
     def clean(v: Any) -> Any:
         if isinstance(v, float) and not math.isfinite(v):
@@ -168,7 +168,12 @@ def write_json(report: dict[str, Any], path: Path) -> None:
             return [clean(x) for x in v]
         return v
 
-    path.write_text(json.dumps(clean(report), indent=1) + "\n", encoding="utf-8")
+    text = json.dumps(clean(report), indent=1) + "\n"
+    if isinstance(path, Path):
+        path.write_text(text, encoding="utf-8")
+    else:
+        path.write(text)
+        path.flush()
 
 
 # ------------------------------------------------------------------------------ figure
