@@ -331,7 +331,8 @@ def mbn_from_moments(
     new_state, mean, rstd = _train_step(
         xp, state, batch_mean, batch_var, b.m, lam, tau, estimator, None, dtype, eps
     )
-    ctx = b.context(mean, rstd, b.scalar(_batch_weight(lam)), xp.astype(batch_mean, dtype))
+    batch_mean = xp.astype(batch_mean, dtype, copy=False)
+    ctx = b.context(mean, rstd, b.scalar(_batch_weight(lam)), batch_mean)
     return new_state, ctx
 
 

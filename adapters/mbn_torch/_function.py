@@ -126,7 +126,8 @@ class _KernelMBNFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(
+    def forward(  # ctx first: apply() then binds no signature (an eager-only path)
+        ctx: Any,
         x: torch.Tensor,
         weight: torch.Tensor | None,
         bias: torch.Tensor | None,
@@ -141,7 +142,7 @@ class _KernelMBNFunction(torch.autograd.Function):
         y, _, batch_rstd = torch.native_batch_norm(
             x, None, None, batch_mean, batch_var, True, 1.0, eps
         )  # y: the batch normalized with its own statistics, rewritten in place below
-        new_state, ctx = mr.mbn_from_moments(
+        new_state, core_ctx = mr.mbn_from_moments(
             x,
             state,
             weight,
@@ -155,32 +156,29 @@ class _KernelMBNFunction(torch.autograd.Function):
             xp=txp,
         )
         shape = (1, -1) + (1,) * (x.dim() - 2)
-        terms = mr.kernel_terms(ctx, batch_rstd, bias, xp=txp)
+        terms = mr.kernel_terms(core_ctx, batch_rstd, bias, xp=txp)
         torch.addcmul(terms.offset.view(shape), y, terms.scale.view(shape), out=y)
-        return (y, *new_state, (x, ctx.mean, ctx.rstd, terms.weight, terms.dy_scale, terms.shift))
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
-        weight, bias = inputs[1:3]
-        ctx.save_for_backward(*output[-1])
-        ctx.eps = inputs[-1]
+        ctx.save_for_backward(x, core_ctx.mean, core_ctx.rstd, *terms[2:])
+        ctx.eps = eps
         ctx.dtypes = (
             None if weight is None else weight.dtype,
             None if bias is None else bias.dtype,
         )
-        ctx.mark_non_differentiable(*output[1 : 1 + _N_STATE])
+        ctx.mark_non_differentiable(*new_state)
         ctx.set_materialize_grads(False)
+        return (y, *new_state)
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor | None, *unused: Any) -> Any:
         tail = (None,) * (_N_STATE + 3)
         if dy is None:
             return (None, None, None, *tail)
-        x, mean, rstd, weight, dy_scale, shift = ctx.saved_tensors
+        x, mean, rstd, weight, dy_scale, shift = ctx.saved_tensors  # KernelTerms[2:]
         gamma_dtype, beta_dtype = ctx.dtypes
-        mask = [True, True, beta_dtype is not None]  # sum(dy*xhat) is needed in any case
+        # every output, even sum(dy) without a bias: PyTorch's CPU kernel is several times
+        # slower when any is left out
         dx, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
-            dy, x, weight, None, None, mean, rstd, True, ctx.eps, mask
+            dy, x, weight, None, None, mean, rstd, True, ctx.eps, [True, True, True]
         )
         shape = (1, -1) + (1,) * (x.dim() - 2)
         dx.addcmul_(dy, dy_scale.view(shape))
