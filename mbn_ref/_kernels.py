@@ -229,20 +229,14 @@ def kernel_terms(
     mean: Array,
     rstd: Array,
     gamma: Array | None,
-    beta: Array | None,
     stats_weight: Array,
     batch_mean: Array,
-    batch_rstd: Array,
     count: int | Array,
-) -> tuple[Array, Array, Array, Array, Array]:
-    """MBN through fused BN training kernels: ``(scale, offset, weight, dy_scale, shift)``.
+) -> tuple[Array, Array, Array]:
+    """``dx`` through a fused BN training-backward kernel ``K``: ``(weight, dy_scale, shift)``.
 
-    Forward: a kernel's ``xhat_B = (x - mu_B)*batch_rstd`` maps to MBN's output as
-    ``y = scale*xhat_B + offset`` with ``scale = gamma*rstd/batch_rstd`` and
-    ``offset = beta + gamma*rstd*(mu_B - mean)``.
-
-    Backward: ``K(dy; mean, rstd, weight) = weight*rstd*(dy - sum(dy)/m - xhat*sum(dy*xhat)/m)``
-    is BN's gradient for the statistics given to it. With ``s = gamma*rstd`` and
+    ``K(dy; mean, rstd, weight) = weight*rstd*(dy - sum(dy)/m - xhat*sum(dy*xhat)/m)`` is BN's
+    gradient for the statistics given to it. With ``s = gamma*rstd`` and
     ``w = stats_weight``, :func:`normalize_backward`'s ``dx = s*dy - k1*xhat - k0`` is::
 
         dx = K(dy; mean, rstd, w*gamma) + (1 - w)*s*dy - shift*sum(dy*xhat)
@@ -251,9 +245,7 @@ def kernel_terms(
     ``sum(dy)`` part of ``k0`` are ``K``'s own terms.
     """
     s = rstd if gamma is None else gamma * rstd
-    centered_shift = (batch_mean - mean) * s  # gamma*rstd*(mu_B - mean)
-    offset = centered_shift if beta is None else centered_shift + beta
     weight = stats_weight * (xp.ones_like(rstd) if gamma is None else gamma)
     dy_scale = (1 - stats_weight) * s
-    shift = (stats_weight / at_least_one(xp, count)) * centered_shift * (-rstd)
-    return s / batch_rstd, offset, weight, dy_scale, shift
+    shift = (stats_weight / at_least_one(xp, count)) * (mean - batch_mean) * s * rstd
+    return weight, dy_scale, shift

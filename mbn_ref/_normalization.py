@@ -411,62 +411,45 @@ def backward(
 
 
 class KernelTerms(NamedTuple):
-    """Per-channel vectors that turn fused BN training kernels into MBN (compute dtype).
+    """Per-channel vectors that turn BN's fused training-backward kernel into MBN's gradient.
 
-    See :func:`kernel_terms`: ``y = scale*xhat_B + offset`` and
-    ``dx = K(dy; mean, rstd, weight) + dy_scale*dy - shift*sum(dy*xhat)``.
+    See :func:`kernel_terms`: ``dx = K(dy; mean, rstd, weight) + dy_scale*dy -
+    shift*sum(dy*xhat)`` (compute dtype).
     """
 
-    scale: Array
-    offset: Array
     weight: Array
     dy_scale: Array
     shift: Array
 
 
-def kernel_terms(
-    ctx: NormContext,
-    batch_rstd: Array,
-    beta: Array | None = None,
-    *,
-    xp: Namespace | None = None,
-) -> KernelTerms:
-    """MBN's training step through a framework's fused BN training kernels.
+def kernel_terms(ctx: NormContext, *, xp: Namespace | None = None) -> KernelTerms:
+    """MBN's gradient through a framework's fused BN training-backward kernel.
 
-    A BN training kernel normalizes a batch with its own statistics,
-    ``xhat_B = (x - mu_B)*batch_rstd``, computing ``mu_B`` and ``batch_rstd`` in the same
-    pass (PyTorch's ``native_batch_norm`` without affine parameters); its backward kernel
-    ``K`` takes the statistics that normalized the batch and computes BN's gradient for
-    them (``native_batch_norm_backward`` with ``save_mean``/``save_invstd``)::
+    Such a kernel ``K`` takes the statistics that normalized a batch and computes BN's
+    gradient for them (PyTorch's ``native_batch_norm_backward`` with ``save_mean`` and
+    ``save_invstd``)::
 
         K(dy; mean, rstd, weight) = weight*rstd*(dy - sum(dy)/m - xhat*sum(dy*xhat)/m)
 
     with ``xhat = (x - mean)*rstd``; it also returns ``sum(dy*xhat)``, which does not depend
-    on ``weight``. MBN (``ctx`` from :func:`mbn_ref.mbn_from_moments` or
-    :func:`mbn_ref.mbn_forward`) is both kernels and per-channel terms
-    (``docs/derivations/backward.md``)::
+    on ``weight``. MBN's gradient (``ctx`` of a training step, from
+    :func:`mbn_ref.mbn_from_moments` or :func:`mbn_ref.mbn_forward`) is the kernel with
+    MBN's statistics plus two per-channel terms (``docs/derivations/backward.md``)::
 
-        y  = scale*xhat_B + offset
         dx = K(dy; ctx.mean, ctx.rstd, weight) + dy_scale*dy - shift*sum(dy*xhat)
 
     Parameters
     ----------
     ctx : NormContext
-        A training step's context, not synchronized (the kernels' sums are this shard's).
-    batch_rstd : array
-        ``1/sqrt(var_B + eps)`` per channel, as the forward kernel computed it.
-    beta : array or None, optional
-        The per-channel shift (the context does not hold it).
+        A training step's context, not synchronized (the kernel's sums are this shard's).
     xp : namespace, optional
         The Array API namespace; by default found with array-api-compat.
 
     Returns
     -------
     KernelTerms
-        ``scale = gamma*rstd/batch_rstd``, ``offset = beta + gamma*rstd*(mu_B - mean)``,
         ``weight = (1-lam)*gamma``, ``dy_scale = lam*gamma*rstd`` and
-        ``shift = (1-lam)*gamma*rstd*(mean - mu_B)*rstd/m`` (``gamma`` 1 and ``beta`` 0 when
-        absent).
+        ``shift = (1-lam)*gamma*rstd*(mean - mu_B)*rstd/m`` (``gamma`` is 1 when absent).
 
     Raises
     ------
@@ -475,23 +458,18 @@ def kernel_terms(
 
     Examples
     --------
-    NumPy stand-ins for the two kernels give :func:`mbn_forward`'s output and
-    :func:`backward`'s gradient:
+    A NumPy stand-in for the kernel gives :func:`backward`'s gradient:
 
     >>> import numpy as np
     >>> import mbn_ref as mr
     >>> rng = np.random.default_rng(0)
     >>> x, dy = rng.normal(2.0, 3.0, size=(6, 2)), rng.normal(size=(6, 2))
-    >>> gamma, beta = np.full(2, 2.0), np.ones(2)
-    >>> y, state, ctx = mr.mbn_forward(x, mr.init_state(2), gamma, beta, lam=0.3)
-    >>> batch_rstd = 1 / np.sqrt(x.var(0) + 1e-5)
-    >>> t = mr.kernel_terms(ctx, batch_rstd, beta)
-    >>> bool(np.allclose(t.scale * (x - x.mean(0)) * batch_rstd + t.offset, y, rtol=1e-12))
-    True
+    >>> y, state, ctx = mr.mbn_forward(x, mr.init_state(2), np.full(2, 2.0), None, lam=0.3)
     >>> def kernel(dy, mean, rstd, weight):
     ...     xhat = (x - mean) * rstd
     ...     dx = weight * rstd * (dy - dy.mean(0) - xhat * (dy * xhat).mean(0))
     ...     return dx, (dy * xhat).sum(0)
+    >>> t = mr.kernel_terms(ctx)
     >>> k, sum_dy_xhat = kernel(dy, ctx.mean, ctx.rstd, t.weight)
     >>> dx = k + t.dy_scale * dy - t.shift * sum_dy_xhat
     >>> bool(np.allclose(dx, mr.backward(dy, ctx)[0], rtol=1e-12, atol=1e-12))
@@ -505,18 +483,9 @@ def kernel_terms(
     if ctx.batch_mean is None:
         raise ValueError("kernel_terms needs a training step's context (it has no batch_mean)")
     if xp is None:
-        xp = namespace(ctx.rstd, batch_rstd)
-    dtype = ctx.rstd.dtype
+        xp = namespace(ctx.rstd)
     return KernelTerms(
         *_kernels.kernel_terms(
-            xp,
-            ctx.mean,
-            ctx.rstd,
-            ctx.gamma,
-            None if beta is None else xp.astype(beta, dtype, copy=False),
-            ctx.stats_weight,
-            ctx.batch_mean,
-            xp.astype(batch_rstd, dtype, copy=False),
-            ctx.count,
+            xp, ctx.mean, ctx.rstd, ctx.gamma, ctx.stats_weight, ctx.batch_mean, ctx.count
         )
     )

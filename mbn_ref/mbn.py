@@ -264,10 +264,11 @@ def mbn_from_moments(
 
     For adapters that compute the batch's moments and normalize with a framework's own
     kernels: the new state and the backward context of :func:`mbn_forward`'s training step
-    (docs/spec.md §3), without touching ``x``'s values. The caller normalizes ``x`` with
-    ``ctx.mean`` and ``ctx.rstd`` (``y = gamma * (x - mean) * rstd + beta``), and computes
-    the backward pass with :func:`mbn_ref.backward` or, through a fused BN backward kernel,
-    with :func:`mbn_ref.kernel_terms`.
+    (docs/spec.md §3), without touching ``x``'s values. The caller normalizes ``x`` with the
+    new moving statistics (``y = gamma * (x - mean) * rstd + beta`` with ``ctx.mean`` and
+    ``ctx.rstd``, from ``state.moving_mean`` and ``state.moving_var``), and computes the
+    backward pass with :func:`mbn_ref.backward` or, through a fused BN backward kernel, with
+    :func:`mbn_ref.kernel_terms`.
 
     Parameters
     ----------

@@ -1,9 +1,9 @@
 """``mbn_from_moments`` and ``kernel_terms``: MBN through a framework's fused BN kernels.
 
-The two BN kernels are emulated here in float64 NumPy exactly as PyTorch documents them
-(``native_batch_norm`` without affine parameters; ``native_batch_norm_backward`` in training
-mode with given statistics), and the terms must turn them into the core's MBN forward and
-backward to 1e-12.
+BN's kernels are emulated here in float64 NumPy as PyTorch computes them (the batch's
+moments; evaluation-mode normalization with given statistics; ``native_batch_norm_backward``
+in training mode with given statistics), and with the core's state, context and terms they
+must give the core's MBN forward and backward to 1e-12.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ import mbn_ref as mr
 EPS = 1e-5
 
 
-def _bn_forward_kernel(x: np.ndarray, axes: tuple[int, ...]) -> tuple[np.ndarray, ...]:
-    """The batch normalized with its own statistics, its mean and rstd (keepdims)."""
-    mean = x.mean(axis=axes, keepdims=True)
-    rstd = 1 / np.sqrt(x.var(axis=axes, keepdims=True) + EPS)
-    return (x - mean) * rstd, mean, rstd
+def _bn_eval_kernel(x, mean, var, gamma, beta):
+    """Normalization with given statistics (channel vectors broadcast)."""
+    y = (x - mean) / np.sqrt(var + EPS)
+    y = y if gamma is None else y * gamma
+    return y if beta is None else y + beta
 
 
 def _bn_backward_kernel(dy, x, mean, rstd, weight, axes):
@@ -62,16 +62,18 @@ def test_the_kernels_and_the_terms_give_the_cores_mbn(shape, lam, affine_scale, 
     )
     dx_core, _, _ = mr.backward(dy, ctx_core)
 
-    xhat_b, mu_b, rstd_b = _bn_forward_kernel(x, axes)
     new_state, ctx = mr.mbn_from_moments(
-        x, state, gamma, beta, mu_b.ravel(), (1 / rstd_b**2 - EPS).ravel(),
+        x, state, gamma, beta, x.mean(axis=axes), x.var(axis=axes),
         lam=lam, tau=0.8, estimator="unbiased",
     )  # fmt: skip
     for a, e in zip(new_state, state_core, strict=True):
         np.testing.assert_allclose(a, e, rtol=1e-12, atol=1e-12)
-    t = mr.kernel_terms(ctx, rstd_b.ravel(), beta)
-    y = _channel(t.scale, x.ndim) * xhat_b + _channel(t.offset, x.ndim)
+    ch = [None if v is None else _channel(v, x.ndim) for v in (gamma, beta)]
+    y = _bn_eval_kernel(
+        x, _channel(new_state.moving_mean, x.ndim), _channel(new_state.moving_var, x.ndim), *ch
+    )
     np.testing.assert_allclose(y, y_core, rtol=1e-12, atol=1e-12)
+    t = mr.kernel_terms(ctx)
     mean, rstd = _channel(ctx.mean, x.ndim), _channel(ctx.rstd, x.ndim)
     k, sum_dy_xhat = _bn_backward_kernel(dy, x, mean, rstd, _channel(t.weight, x.ndim), axes)
     dx = k + _channel(t.dy_scale, x.ndim) * dy - _channel(t.shift, x.ndim) * sum_dy_xhat
@@ -113,7 +115,7 @@ def test_terms_refuse_contexts_the_kernels_cannot_serve():
     x = np.random.default_rng(0).normal(size=(4, 2))
     _, _, eval_ctx = mr.mbn_forward(x, mr.init_state(2), training=False)
     with pytest.raises(ValueError, match="training step"):
-        mr.kernel_terms(eval_ctx, np.ones(2))
+        mr.kernel_terms(eval_ctx)
     _, _, sync_ctx = mr.mbn_forward(x, mr.init_state(2), lam=0.5, all_sum=lambda a: a)
     with pytest.raises(ValueError, match="synchronized"):
-        mr.kernel_terms(sync_ctx, np.ones(2))
+        mr.kernel_terms(sync_ctx)

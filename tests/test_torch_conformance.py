@@ -105,8 +105,8 @@ class _Paths(TorchFunctionMode):
 
     @property
     def fused_training(self) -> int:
-        """BN's kernel alone (the MBN kernel path also runs it once per step)."""
-        return sum(self.fused) - len(self.kernel)
+        """BN's training kernel (the MBN kernel path normalizes in evaluation mode)."""
+        return sum(self.fused)
 
     @property
     def core_lam_positive(self) -> int:

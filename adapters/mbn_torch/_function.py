@@ -26,7 +26,6 @@ import array_api_compat.torch as txp
 import torch
 
 import mbn_ref as mr
-from mbn_ref import conventions
 from mbn_ref.distributed import AllSum
 
 __all__ = ["batch_statistics_norm", "kernel_momentum_batch_norm", "momentum_batch_norm", "snapshot"]
@@ -116,13 +115,12 @@ class _MBNFunction(torch.autograd.Function):
 class _KernelMBNFunction(torch.autograd.Function):
     """MBN training on PyTorch's fused BN kernels: ``(y, *new_state)``.
 
-    Forward: ``torch.native_batch_norm`` normalizes the batch with its own statistics and
-    writes its mean and unbiased variance into two scratch vectors (update rate 1);
-    :func:`mbn_ref.mbn_from_moments` gives the new state and the normalizing statistics,
-    and :func:`mbn_ref.kernel_terms` the affine map (applied in place) from the kernel's
-    output to MBN's. Backward: ``native_batch_norm_backward`` in training mode with those
-    statistics, plus the two per-channel terms of :func:`mbn_ref.kernel_terms`.
-    For one device's batch (no collective) of at least two values per channel.
+    Forward: ``torch.batch_norm_update_stats`` computes the batch's mean and biased variance
+    in one pass, :func:`mbn_ref.mbn_from_moments` the new state and the normalizing (moving)
+    statistics, and ``torch.batch_norm`` in evaluation mode normalizes with them. Backward:
+    ``native_batch_norm_backward`` in training mode with those statistics, plus the two
+    per-channel terms of :func:`mbn_ref.kernel_terms`. For one device's batch (no
+    collective) of at least two values per channel.
     """
 
     @staticmethod
@@ -135,30 +133,27 @@ class _KernelMBNFunction(torch.autograd.Function):
     ) -> Any:
         state = mr.MBNState(*rest[:_N_STATE])
         lam, tau, eps = rest[_N_STATE:]
-        channels = x.shape[1]
-        count = x.numel() // channels
         cdt = torch.float64 if x.dtype == torch.float64 else torch.float32  # compute dtype
-        batch_mean, batch_var = torch.zeros((2, channels), dtype=cdt, device=x.device).unbind()
-        y, _, batch_rstd = torch.native_batch_norm(
-            x, None, None, batch_mean, batch_var, True, 1.0, eps
-        )  # y: the batch normalized with its own statistics, rewritten in place below
+        batch_mean, batch_var = torch.batch_norm_update_stats(x, None, None, 1.0)
         new_state, core_ctx = mr.mbn_from_moments(
             x,
             state,
             weight,
             bias,
-            batch_mean,
-            conventions.biased_from_unbiased(batch_var, count),
+            batch_mean.to(cdt),
+            batch_var.to(cdt),  # biased
             lam=lam,
             tau=tau,
             eps=eps,
             estimator="unbiased",
             xp=txp,
         )
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        terms = mr.kernel_terms(core_ctx, batch_rstd, bias, xp=txp)
-        torch.addcmul(terms.offset.view(shape), y, terms.scale.view(shape), out=y)
-        ctx.save_for_backward(x, core_ctx.mean, core_ctx.rstd, *terms[2:])
+        y = torch.batch_norm(
+            x, weight, bias, new_state.moving_mean, new_state.moving_var,
+            False, 0.0, eps, torch.backends.cudnn.enabled,
+        )  # fmt: skip
+        terms = mr.kernel_terms(core_ctx, xp=txp)
+        ctx.save_for_backward(x, core_ctx.mean, core_ctx.rstd, *terms)
         ctx.eps = eps
         ctx.dtypes = (
             None if weight is None else weight.dtype,
@@ -173,7 +168,7 @@ class _KernelMBNFunction(torch.autograd.Function):
         tail = (None,) * (_N_STATE + 3)
         if dy is None:
             return (None, None, None, *tail)
-        x, mean, rstd, weight, dy_scale, shift = ctx.saved_tensors  # KernelTerms[2:]
+        x, mean, rstd, weight, dy_scale, shift = ctx.saved_tensors
         gamma_dtype, beta_dtype = ctx.dtypes
         # every output, even sum(dy) without a bias: PyTorch's CPU kernel is several times
         # slower when any is left out
