@@ -295,8 +295,9 @@ def test_presets_are_the_papers_training() -> None:
     assert quick.train_limit is not None and quick.epochs <= 2
     with pytest.raises(ValueError, match="unknown 'mlp' with cifar10"):
         Config(data="cifar10", models=("mlp",))
-    with pytest.raises(ValueError, match="nproc > 1 runs on the CPU"):
-        Config(nproc=2, device="cuda")
+    with pytest.raises(ValueError, match="one GPU per process"):
+        Config(nproc=2, device="cuda:1")
+    assert Config(nproc=2, device="cuda").nproc == 2  # process r on cuda:r, NCCL
 
 
 def test_train_one_is_seeded(cifar_parent: Path) -> None:
@@ -427,7 +428,7 @@ def test_help_mentions_cifar(capsys: pytest.CaptureFixture[str]) -> None:
     assert "cifar-10-batches-bin" in text and "200 epochs" in text and "--device" in text
 
 
-@pytest.mark.parametrize("name", [".cifar", ".augment", ".resnet"])
+@pytest.mark.parametrize("name", [".cifar", ".augment", ".resnet", ".multiproc"])
 def test_doctests(name: str) -> None:
     """The new modules' examples (the test run's --doctest-modules does not reach adapters/)."""
     module = importlib.import_module(f"mbn_torch.reproduce{name}")

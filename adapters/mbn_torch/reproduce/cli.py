@@ -156,8 +156,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_positive_int,
         default=1,
         metavar="K",
-        help="the paper's multi-device setting: K gloo processes per run (CPU), batch sizes "
-        "per process, per-device BN/MBN statistics merged for inference (default 1)",
+        help="the paper's multi-device setting: K processes per run (gloo on the CPU; NCCL, "
+        "one GPU each, with --device cuda), batch sizes per process, per-device BN/MBN "
+        "statistics merged for inference (default 1)",
     )
     data = parser.add_argument_group("data")
     data.add_argument(
@@ -238,19 +239,24 @@ def _device(args: argparse.Namespace) -> str:
     """The torch device: ``--device``, else cuda for CIFAR-10 when there is one, else cpu."""
     import torch
 
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if args.device is None:
-        use_cuda = args.data == "cifar10" and args.nproc == 1 and torch.cuda.is_available()
+        use_cuda = args.data == "cifar10" and count >= args.nproc
         return "cuda" if use_cuda else "cpu"
     try:
         device = torch.device(args.device)
     except (RuntimeError, ValueError):
         raise UsageError(f"--device: not a torch device: {args.device!r}") from None
     if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if (device.index or 0) >= count:
             raise UsageError(
                 f"--device {args.device}: CUDA is not available here ({count} CUDA devices, "
                 f"torch {torch.__version__}); use --device cpu"
+            )
+        if args.nproc > count:
+            raise UsageError(
+                f"--nproc {args.nproc} on {args.device} needs one CUDA device per process; "
+                f"{count} here"
             )
     elif device.type != "cpu":
         raise UsageError(f"--device {args.device}: only cpu and cuda are supported")
@@ -332,12 +338,9 @@ def _experiment(framework: str) -> Experiment:
         os.environ.setdefault("KERAS_BACKEND", "tensorflow")  # before Keras is imported
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up lines
         try:
-            from mbn_tf.reproduce import run_experiment as keras_experiment
-            from mbn_tf.reproduce.experiment import require_tensorflow_backend
+            import keras
 
-            require_tensorflow_backend()
-        except RuntimeError as exc:  # Keras already runs on another backend
-            raise UsageError(str(exc)) from None
+            from mbn_tf.reproduce import run_experiment as keras_experiment
         except ImportError as exc:
             reason = " ".join(f"{type(exc).__name__}: {exc}".split())
             raise UsageError(
@@ -345,6 +348,12 @@ def _experiment(framework: str) -> Experiment:
                 f"be imported ({reason}); pip install 'mbn-ref[tensorflow]' or use "
                 f"--framework torch"
             ) from None
+        backend = keras.backend.backend()
+        if backend != "tensorflow":  # Keras was imported on another backend already
+            raise UsageError(
+                f"--framework keras needs Keras' TensorFlow backend, but Keras runs on "
+                f"{backend!r}: set KERAS_BACKEND=tensorflow"
+            )
         return keras_experiment  # type: ignore[no-any-return]
     from .experiment import run_experiment
 

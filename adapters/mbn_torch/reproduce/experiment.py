@@ -85,7 +85,8 @@ class Config:
     preset : str
         The preset it came from (``custom`` when options changed it).
     nproc : int
-        Processes per run (the paper's multi-device setting; gloo on CPU); the batch sizes
+        Processes per run (the paper's multi-device setting: gloo on the CPU, NCCL and
+        one GPU per process on CUDA); the batch sizes
         are per process.
     data : str
         The data set (:data:`~mbn_torch.reproduce.data.DATASETS`).
@@ -156,11 +157,13 @@ class Config:
             device = torch.device(self.device)
         except (RuntimeError, ValueError):
             raise ValueError(f"device: not a torch device: {self.device!r}") from None
-        if self.nproc > 1 and device.type != "cpu":
+        if self.nproc > 1 and device.type == "cuda" and device.index is not None:
             raise ValueError(
-                f"nproc > 1 runs on the CPU (gloo processes), not on {self.device}; "
-                "use --nproc 1 with --device cuda"
+                f"nproc > 1 on CUDA uses one GPU per process (cuda:0 .. cuda:{self.nproc - 1}, "
+                f"NCCL): give --device cuda, not {self.device}"
             )
+        if self.nproc > 1 and device.type not in ("cpu", "cuda"):
+            raise ValueError(f"nproc > 1 runs on cpu (gloo) or cuda (NCCL), not {self.device}")
         if not self.runs():
             raise ValueError("nothing to run: InstanceNorm ('in') needs the CNN (--models cnn)")
 

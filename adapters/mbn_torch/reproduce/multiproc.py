@@ -1,4 +1,4 @@
-"""``--nproc K``: one run over K ``torch.distributed`` processes (gloo on CPU).
+"""``--nproc K``: one run over K ``torch.distributed`` processes (gloo on CPU, NCCL on GPUs).
 
 The paper trained on 4 GPUs with per-device statistics. Here each of K spawned processes
 trains on its share (``batch_size`` samples) of each global batch of ``K * batch_size``;
@@ -8,7 +8,8 @@ across the processes by :func:`mbn_torch.merge_inference_statistics` before eval
 (:func:`~mbn_torch.reproduce.experiment.train_one` with ``rank``/``world_size``). Each
 process loads the data itself (:func:`~mbn_torch.reproduce.data.load_dataset` with the
 data's :meth:`~mbn_torch.reproduce.data.Dataset.source`: the digits' split, or CIFAR-10's
-files again); process 0 reports the run. A process that fails ends the run with a
+files again); process 0 reports the run. On CUDA (``device="cuda"``) process ``r`` trains on
+``cuda:r`` over NCCL (:func:`process_placement`). A process that fails ends the run with a
 :class:`WorkerError` whose message is one line: which process, and its error.
 """
 
@@ -32,7 +33,7 @@ import torch.multiprocessing as mp
 from .data import Dataset, load_dataset
 from .experiment import RunResult, train_one
 
-__all__ = ["WorkerError", "train_spawned"]
+__all__ = ["WorkerError", "process_placement", "train_spawned"]
 
 
 class WorkerError(RuntimeError):
@@ -41,6 +42,19 @@ class WorkerError(RuntimeError):
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(f"{type(exc).__name__}: {exc}".split())
+
+
+def process_placement(device: str, rank: int) -> tuple[str, str]:
+    """The ``torch.distributed`` backend and the device of process ``rank``.
+
+    Examples
+    --------
+    >>> process_placement("cpu", 1), process_placement("cuda", 1)
+    (('gloo', 'cpu'), ('nccl', 'cuda:1'))
+    """
+    if torch.device(device).type == "cuda":
+        return "nccl", f"cuda:{rank}"
+    return "gloo", device
 
 
 def _worker(
@@ -52,9 +66,13 @@ def _worker(
     args: dict[str, Any],
 ) -> None:
     torch.set_num_threads(threads)
+    backend, device = process_placement(args.get("device", "cpu"), rank)
+    args = {**args, "device": device}
     try:
+        if backend == "nccl":
+            torch.cuda.set_device(device)
         dist.init_process_group(
-            "gloo",
+            backend,
             init_method=f"file://{os.path.join(tmp, 'store')}",
             rank=rank,
             world_size=world_size,
@@ -96,7 +114,7 @@ def train_spawned(
     on_step: Callable[[], None] | None = None,
     **kwargs: Any,
 ) -> RunResult:
-    """:func:`~mbn_torch.reproduce.experiment.train_one` over ``nproc`` gloo processes.
+    """:func:`~mbn_torch.reproduce.experiment.train_one` over ``nproc`` processes.
 
     ``batch_size`` is per process; every process loads ``data`` again from its
     :meth:`~mbn_torch.reproduce.data.Dataset.source`. ``on_step`` is called once per
