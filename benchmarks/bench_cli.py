@@ -17,15 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mbn_ref.cli import positive_int
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+__all__ = ["positive_int"]  # the scripts' integer options, as every mbn-ref command's
 
 
 def parser(doc: str | None) -> argparse.ArgumentParser:

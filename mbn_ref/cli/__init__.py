@@ -51,7 +51,7 @@ Eq. 10 suggests (docs/errata.md, erratum 3).
 
 from __future__ import annotations
 
-from ._common import EXIT_STATUS, UsageError, epilog
+from ._common import EXIT_STATUS, UsageError, epilog, positive_int
 from ._main import COMMAND_GROUP, main
 
-__all__ = ["COMMAND_GROUP", "EXIT_STATUS", "UsageError", "epilog", "main"]
+__all__ = ["COMMAND_GROUP", "EXIT_STATUS", "UsageError", "epilog", "main", "positive_int"]

@@ -36,7 +36,13 @@ import keras
 import numpy as np
 
 from mbn_torch.reproduce.data import Dataset
-from mbn_torch.reproduce.experiment import TRAIN_EVAL_LIMIT, Config, RunResult
+from mbn_torch.reproduce.experiment import (
+    TRAIN_EVAL_LIMIT,
+    Config,
+    RunResult,
+    check_data,
+    planned_runs,
+)
 
 from ..callbacks import MomentumScheduler
 from ..layers import DynamicBatchNormalization, MomentumBatchNormalization
@@ -433,26 +439,7 @@ def run_experiment(
             f"device={config.device!r}: the Keras experiment takes no device (Keras places "
             "the computation itself); --device is for --framework torch"
         )
-    name = getattr(data, "name", config.data)
-    if name != config.data:
-        raise ValueError(f"the configuration is for {config.data}, the data is {name}")
+    check_data(config, data)
     require_tensorflow_backend()
-    m_min, seed0 = min(config.batch_sizes), config.seeds[0]
-    return [
-        train_one(
-            data,
-            model,
-            norm,
-            m,
-            seed,
-            epochs=config.epochs,
-            lr=config.lr,
-            lr_batch_size=config.lr_batch_size,
-            weight_decay=config.weight_decay,
-            ideal_batch_size=config.ideal_batch_size,
-            tau0=config.tau0,
-            record=norm in ("bn", "mbn") and m == m_min and seed == seed0,
-            on_step=on_step,
-        )
-        for model, norm, m, seed in config.runs()
-    ]
+    runs = planned_runs(config)
+    return [train_one(data, *run, **kwargs, on_step=on_step) for run, kwargs in runs]

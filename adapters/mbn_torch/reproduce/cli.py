@@ -47,6 +47,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from mbn_ref.cli import positive_int
+
 from .data import DATASETS
 from .experiment import PRESETS_BY_DATA, Config, RunResult, steps_per_run
 
@@ -112,16 +114,6 @@ def _name_list(text: str) -> tuple[str, ...]:
     return values
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The subcommand's options, on ``parser``."""
     preset = parser.add_mutually_exclusive_group()
@@ -144,7 +136,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     grid.add_argument("--norms", type=_name_list, metavar="LIST", help="none,bn,mbn,gn,ln,in")
     grid.add_argument("--batch-sizes", type=_int_list, metavar="LIST", help="e.g. 2,8,32")
     grid.add_argument("--seeds", type=_int_list, metavar="LIST", help="e.g. 0,1")
-    grid.add_argument("--epochs", type=_positive_int, metavar="T", help="epochs per run")
+    grid.add_argument("--epochs", type=positive_int, metavar="T", help="epochs per run")
     grid.add_argument(
         "--lr",
         type=float,
@@ -153,7 +145,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     grid.add_argument(
         "--nproc",
-        type=_positive_int,
+        type=positive_int,
         default=1,
         metavar="K",
         help="the paper's multi-device setting: K processes per run (gloo on the CPU; NCCL, "
@@ -174,13 +166,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     data.add_argument(
         "--train-limit",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help="use the first N training samples only (overrides the preset)",
     )
     data.add_argument(
         "--test-limit",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help="use the first N test samples only (overrides the preset)",
     )

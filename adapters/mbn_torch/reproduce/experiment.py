@@ -46,7 +46,9 @@ __all__ = [
     "PRESETS_BY_DATA",
     "Config",
     "RunResult",
+    "check_data",
     "decay_scheduler",
+    "planned_runs",
     "run_experiment",
     "steps_per_run",
     "train_one",
@@ -547,33 +549,49 @@ def run_experiment(
     >>> [r.norm for r in run_experiment(cfg, load_digits_split())]
     ['none']
     """
-    name = getattr(data, "name", config.data)
-    if name != config.data:
-        raise ValueError(f"the configuration is for {config.data}, the data is {name}")
-    m_min, seed0 = min(config.batch_sizes), config.seeds[0]
+    check_data(config, data)
     train: Callable[..., RunResult] = train_one
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = {"device": config.device}
     if config.nproc > 1:
         from .multiproc import train_spawned
 
-        train, extra = train_spawned, {"nproc": config.nproc}
+        train, extra = train_spawned, {**extra, "nproc": config.nproc}
     return [
-        train(
-            data,
-            model,
-            norm,
-            m,
-            seed,
-            epochs=config.epochs,
-            lr=config.lr,
-            lr_batch_size=config.lr_batch_size,
-            weight_decay=config.weight_decay,
-            ideal_batch_size=config.ideal_batch_size,
-            tau0=config.tau0,
-            device=config.device,
-            record=norm in ("bn", "mbn") and m == m_min and seed == seed0,
-            on_step=on_step,
-            **extra,
-        )
-        for model, norm, m, seed in config.runs()
+        train(data, *run, **kwargs, **extra, on_step=on_step)
+        for run, kwargs in planned_runs(config)
     ]
+
+
+def check_data(config: Config, data: Dataset) -> None:
+    """``ValueError`` unless ``data`` is the data set ``config`` is for."""
+    name = getattr(data, "name", config.data)
+    if name != config.data:
+        raise ValueError(f"the configuration is for {config.data}, the data is {name}")
+
+
+def planned_runs(config: Config) -> Iterator[tuple[tuple[str, str, int, int], dict[str, Any]]]:
+    """Each run's ``(model, norm, batch_size, seed)`` and the training keywords of ``train_one``.
+
+    The same for every framework's ``train_one``: the training settings, and ``record``,
+    true for BN and MBN at the smallest batch size with the first seed (the Fig. 1 panel).
+
+    Examples
+    --------
+    >>> run, kwargs = next(planned_runs(PRESETS["quick"]))
+    >>> run, kwargs["record"], kwargs["lr_batch_size"]
+    (('mlp', 'bn', 2, 0), True, 32)
+    """
+    m_min, seed0 = min(config.batch_sizes), config.seeds[0]
+    for model, norm, m, seed in config.runs():
+        yield (
+            (model, norm, m, seed),
+            {
+                "epochs": config.epochs,
+                "lr": config.lr,
+                "lr_batch_size": config.lr_batch_size,
+                "weight_decay": config.weight_decay,
+                "ideal_batch_size": config.ideal_batch_size,
+                "tau0": config.tau0,
+                "record": norm in ("bn", "mbn") and m == m_min and seed == seed0,
+            },
+        )
