@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 from . import _kernels
 from ._array import AllSum, Array, Namespace, is_array
 from ._normalization import (
+    Batch,
     backward,
     check_counter,
     empty_forward,
@@ -170,22 +171,8 @@ def mbn_forward(
     >>> np.round(dx.ravel(), 4).tolist()          # BN (lam = 0) would give [0.0, 0.0]
     [1.0, 0.0]
     """
-    b = prepare(
-        x,
-        gamma,
-        beta,
-        axis=axis,
-        eps=eps,
-        nonfinite=nonfinite,
-        state=state,
-        state_names=MBNState._fields,
-        xp=xp,
-    )
-    check_decay_arg("lam", lam)
-    check_decay_arg("tau", tau, allow_none=True)
-    validate_estimator(estimator)
+    b = _prepare(x, state, gamma, beta, axis, eps, nonfinite, lam, tau, estimator, xp)
     xp = b.xp
-    check_counter(xp, state.num_batches_tracked)
     if not training:
         y, ctx = eval_forward(b, state.running_mean, state.running_var, eps)
         return y, state, ctx
@@ -201,6 +188,38 @@ def mbn_forward(
     y = _kernels.affine_normalize(xp, centered, b.axis, batch_mean - mean, rstd, b.gamma, b.beta)
     ctx = b.context(mean, rstd, b.scalar(_batch_weight(lam)), batch_mean, m, all_sum)
     return xp.astype(y, b.dtype, copy=False), new_state, ctx
+
+
+def _prepare(
+    x: Array,
+    state: MBNState,
+    gamma: Array | None,
+    beta: Array | None,
+    axis: int,
+    eps: float,
+    nonfinite: str,
+    lam: Any,
+    tau: Any,
+    estimator: str,
+    xp: Namespace | None,
+) -> Batch:
+    """Validate an MBN call's arguments (``ValueError``/``TypeError`` before anything runs)."""
+    b = prepare(
+        x,
+        gamma,
+        beta,
+        axis=axis,
+        eps=eps,
+        nonfinite=nonfinite,
+        state=state,
+        state_names=MBNState._fields,
+        xp=xp,
+    )
+    check_decay_arg("lam", lam)
+    check_decay_arg("tau", tau, allow_none=True)
+    validate_estimator(estimator)
+    check_counter(b.xp, state.num_batches_tracked)
+    return b
 
 
 def _batch_weight(lam: Any) -> Any:
@@ -312,22 +331,8 @@ def mbn_from_moments(
     >>> float(ctx.mean[0]), round(float(ctx.rstd[0]), 4), float(ctx.stats_weight)
     (1.0, 1.0, 0.5)
     """
-    b = prepare(
-        x,
-        gamma,
-        beta,
-        axis=axis,
-        eps=eps,
-        nonfinite="propagate",
-        state=state,
-        state_names=MBNState._fields,
-        xp=xp,
-    )
-    check_decay_arg("lam", lam)
-    check_decay_arg("tau", tau, allow_none=True)
-    validate_estimator(estimator)
+    b = _prepare(x, state, gamma, beta, axis, eps, "propagate", lam, tau, estimator, xp)
     xp = b.xp
-    check_counter(xp, state.num_batches_tracked)
     dtype = b.x.dtype
     new_state, mean, rstd = _train_step(
         xp, state, batch_mean, batch_var, b.m, lam, tau, estimator, None, dtype, eps
