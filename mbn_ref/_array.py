@@ -24,7 +24,22 @@ Namespace = Any
 AllSum = Callable[[Any], Any]
 """A collective: sums an array across all shards (devices) and returns the total to each
 (``torch.distributed.all_reduce``, a ``tf.distribute`` replica context, or
-:func:`mbn_ref.distributed.simulate`'s threads)."""
+:func:`mbn_ref.distributed.simulate`'s threads). One that carries the attribute
+``keeps_count_on_device = True`` (e.g. inside a compiler's trace) has the global count kept
+an array, never read on the host (see :func:`keeps_count_on_device`)."""
+
+
+def keeps_count_on_device(all_sum: AllSum) -> bool:
+    """Whether the global count summed by ``all_sum`` stays an array (docs/spec.md §5).
+
+    Normally the core reads the global count on the host once per step (one sync, like
+    PyTorch's ``SyncBatchNorm``), which lets it refuse a global batch of one value per
+    channel and return early for an empty one. A collective used inside a compiler's trace
+    asks for the count to stay an array: it is then a count known only at run time
+    (docs/spec.md §9: an empty global batch changes nothing through selects, one value per
+    channel is not refused).
+    """
+    return bool(getattr(all_sum, "keeps_count_on_device", False))
 
 
 def namespace(*arrays: Any) -> Namespace:

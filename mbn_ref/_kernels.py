@@ -19,7 +19,15 @@ from typing import Any
 
 import array_api_compat
 
-from ._array import AllSum, Array, Namespace, as_channel, device_of, is_array
+from ._array import (
+    AllSum,
+    Array,
+    Namespace,
+    as_channel,
+    device_of,
+    is_array,
+    keeps_count_on_device,
+)
 
 
 def _as_3d(xp: Namespace, a: Array, axis: int) -> Array:
@@ -74,7 +82,8 @@ def batch_moments(
     and sums, then their squared deviations from the global mean, so empty shards contribute
     exact zeros and the result is the single-device two-pass up to summation order. The
     count is then the global ``n``, read on the host (one sync per step, like PyTorch's
-    ``SyncBatchNorm``) unless the local count is itself an array (known only at run time),
+    ``SyncBatchNorm``) unless the local count is itself an array (known only at run time) or
+    the collective keeps counts on the device (:func:`~mbn_ref._array.keeps_count_on_device`),
     when it stays one; with ``n = 0`` the mean and variance are zeros. ``centered`` is a
     new array the caller may overwrite.
     """
@@ -82,7 +91,8 @@ def batch_moments(
     if all_sum is not None:
         local_m = xp.reshape(xp.astype(xp.asarray(m, device=device_of(x)), x.dtype), (1,))
         totals = all_sum(xp.concat([total, local_m]))
-        m = totals[-1] if is_array(m) else round(float(totals[-1]))
+        on_device = is_array(m) or keeps_count_on_device(all_sum)
+        m = totals[-1] if on_device else round(float(totals[-1]))
         total = totals[:-1]
     divisor = at_least_one(xp, m)
     mean = total / divisor

@@ -96,17 +96,28 @@ def process_group_sum(process_group: Any = None) -> AllSum:
     >>> int(state.num_batches_tracked)
     1
     """
+    return _GroupSum(process_group, torch.compiler.is_compiling())
 
-    def all_sum(t: torch.Tensor) -> torch.Tensor:
-        group: Any = dist.group.WORLD if process_group is None else process_group
+
+class _GroupSum:
+    """:func:`process_group_sum`'s collective.
+
+    Made inside a compiled trace, it asks the core to keep the global count a tensor
+    (``keeps_count_on_device``: no host read, no graph break).
+    """
+
+    def __init__(self, process_group: Any, keeps_count_on_device: bool) -> None:
+        self.process_group = process_group
+        self.keeps_count_on_device = keeps_count_on_device
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        group: Any = dist.group.WORLD if self.process_group is None else self.process_group
         if torch.compiler.is_compiling():
             out: torch.Tensor = funcol.all_reduce(t, "sum", group)
             return out
         total = t.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
         return total
-
-    return all_sum
 
 
 class SyncMomentumBatchNorm(_MomentumBatchNorm):
@@ -157,10 +168,12 @@ class SyncMomentumBatchNorm(_MomentumBatchNorm):
       that skips a layer leaves the others waiting in the collective. A rank outside
       ``process_group`` normalizes its own batch.
     - Cost per layer and training step: two all-reduces forward (``C + 1`` and ``C``
-      numbers), one backward (``2C``), and one read of the global count on the host.
-    - ``torch.compile``: the host read of the global count is a graph break inside the
-      layer (the compiled model is correct and runs the layer eagerly); the collective itself
-      is traceable (:func:`process_group_sum`).
+      numbers), one backward (``2C``), and one read of the global count on the host (none
+      when compiled).
+    - ``torch.compile`` (``fullgraph=True`` works): inside the trace the global count stays
+      a tensor (no host read, no graph break), so there a global batch of one value per
+      channel is not refused and an empty global batch changes nothing through selects
+      (docs/spec.md §9); the collective is traceable (:func:`process_group_sum`).
     - Half precision (``float16``/``bfloat16`` inputs, ``torch.autocast``): statistics,
       their collectives and the backward's C-vectors are float32.
     - ``weight``/``bias`` gradients are this rank's sums; DDP (or any data-parallel
