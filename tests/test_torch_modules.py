@@ -307,7 +307,7 @@ def _fresh_dynamo():
 def _compiled_trajectory(backend, dtype, tol, *, dynamic=False):
     """Five training steps and one evaluation, eager twin vs compiled module, with ``lam``
     and the momentum changed before every step (``None`` once: the cumulative flag; ``lam``
-    0 once: the eager twin then runs the fused kernel, the compiled one the core).
+    0 once: the eager twin then runs BN's kernel, the compiled one the MBN kernel path).
 
     Returns the compiled frame counts after each call."""
     cls = DynamicBatchNorm2d if dynamic else MomentumBatchNorm2d

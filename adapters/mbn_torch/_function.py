@@ -115,8 +115,9 @@ class _MBNFunction(torch.autograd.Function):
 class _KernelMBNFunction(torch.autograd.Function):
     """MBN training on PyTorch's fused BN kernels: ``(y, *new_state)``.
 
-    Forward: ``torch.batch_norm_update_stats`` computes the batch's mean and biased variance
-    in one pass, :func:`mbn_ref.mbn_from_moments` the new state and the normalizing (moving)
+    Forward: ``torch.batch_norm_update_stats`` (compiled: ``torch.var_mean``, which inductor
+    turns into one fused reduction) computes the batch's mean and biased variance in one
+    pass, :func:`mbn_ref.mbn_from_moments` the new state and the normalizing (moving)
     statistics, and ``torch.batch_norm`` in evaluation mode normalizes with them. Backward:
     ``native_batch_norm_backward`` in training mode with those statistics, plus the two
     per-channel terms of :func:`mbn_ref.kernel_terms`. For one device's batch (no
@@ -124,7 +125,7 @@ class _KernelMBNFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # ctx first: apply() then binds no signature (an eager-only path)
+    def forward(  # ctx first: apply() then binds no signature
         ctx: Any,
         x: torch.Tensor,
         weight: torch.Tensor | None,
@@ -134,7 +135,11 @@ class _KernelMBNFunction(torch.autograd.Function):
         state = mr.MBNState(*rest[:_N_STATE])
         lam, tau, eps = rest[_N_STATE:]
         cdt = torch.float64 if x.dtype == torch.float64 else torch.float32  # compute dtype
-        batch_mean, batch_var = torch.batch_norm_update_stats(x, None, None, 1.0)
+        if torch.compiler.is_compiling():  # one Welford reduction, fused with the cast
+            dims = [0, *range(2, x.dim())]
+            batch_var, batch_mean = torch.var_mean(x.to(cdt), dims, correction=0)
+        else:  # PyTorch's one-pass kernel (var_mean is slower in eager mode)
+            batch_mean, batch_var = torch.batch_norm_update_stats(x, None, None, 1.0)
         new_state, core_ctx = mr.mbn_from_moments(
             x,
             state,

@@ -449,30 +449,32 @@ class _MomentumBatchNorm(_DecayNorm):
         - ``"native"`` (:meth:`_native`): PyTorch's BN kernel, whose gradient treats the
           statistics as the batch's own: evaluation, and training with ``lam = 0``;
         - ``"kernel"`` (:func:`~mbn_torch._function.kernel_momentum_batch_norm`): MBN
-          training (``lam > 0``) on PyTorch's BN kernels and the core's terms;
+          training (``lam > 0``; compiled, any ``lam``: a graph cannot branch on the runtime
+          value) on PyTorch's BN kernels and the core's terms;
         - ``"core"`` (:func:`~mbn_torch._function.momentum_batch_norm`): the core's forward
-          and backward, for what the kernels cannot do: a compiled graph (which cannot branch
-          on the runtime ``lam``), a collective, the ``skip_update``/``raise`` policies, a
-          batch of one value per channel or none, and half precision on the CPU (whose
-          kernel's gradient is off by 10x the float16 resolution where the core's,
+          and backward, for what the kernels cannot do: a collective, the
+          ``skip_update``/``raise`` policies, a batch of one value per channel or none, a
+          state in another dtype than the input's compute dtype, and half precision on the
+          CPU (whose kernel's gradient is off by 10x the float16 resolution where the core's,
           accumulating in float32, is exact; found by the conformance suite).
         """
         if not self.training:
             return "native" if self.nonfinite != "raise" else "core"
         if (
-            torch.compiler.is_compiling()
-            or all_sum is not None
+            all_sum is not None
             or self.nonfinite != "propagate"
             or x.numel() < 2 * self.num_features
             or (x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16))
         ):
             return "core"
-        lam = self._host_lam.read(self.lam, "lam")  # validated, read once per change
-        if lam == 0.0:
-            return "native"
         assert self.moving_mean is not None
         compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        return "kernel" if self.moving_mean.dtype == compute_dtype else "core"
+        if self.moving_mean.dtype != compute_dtype:
+            return "core"
+        if torch.compiler.is_compiling():  # lam is not read: the kernel path serves any lam
+            return "kernel"
+        lam = self._host_lam.read(self.lam, "lam")  # validated, read once per change
+        return "native" if lam == 0.0 else "kernel"
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """Normalize ``input``; in training, update the statistics in place.
@@ -503,14 +505,17 @@ class _MomentumBatchNorm(_DecayNorm):
             return self._native(input)
         state = self._state()
         if path == "kernel":
+            decays: tuple[float | torch.Tensor, float | torch.Tensor]
+            if torch.compiler.is_compiling():  # decays as tensors; see snapshot
+                decays = (self.lam, self._tau())
+                state_in = state._replace(
+                    moving_mean=snapshot(state.moving_mean), moving_var=snapshot(state.moving_var)
+                )
+            else:
+                decays = (self._host_lam.read(self.lam, "lam"), self._host_tau_or_tensor())
+                state_in = state
             y, new_state = kernel_momentum_batch_norm(
-                input,
-                self.weight,
-                self.bias,
-                state,
-                self._host_lam.read(self.lam, "lam"),
-                self._host_tau_or_tensor(),
-                eps=self.eps,
+                input, self.weight, self.bias, state_in, *decays, eps=self.eps
             )
             with torch.no_grad():
                 for buffer, value in zip(state, new_state, strict=True):
