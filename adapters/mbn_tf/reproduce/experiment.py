@@ -41,6 +41,7 @@ from mbn_torch.reproduce.experiment import (
     Config,
     RunResult,
     check_data,
+    lr_milestones,
     planned_runs,
 )
 
@@ -82,16 +83,15 @@ def require_tensorflow_backend() -> None:
 def learning_rate(epoch: int, *, epochs: int, base: float) -> float:
     """The learning rate of 0-indexed ``epoch``: ``base``, divided by 10 at 60% and 90%.
 
-    The milestones are ``round(0.6 * epochs)`` and ``round(0.9 * epochs)`` (PyTorch's
-    ``MultiStepLR`` of the torch experiment, stepped once per epoch).
+    The milestones are :func:`mbn_torch.reproduce.experiment.lr_milestones` (the torch
+    experiment's ``MultiStepLR``, stepped once per epoch).
 
     Examples
     --------
     >>> [round(learning_rate(e, epochs=10, base=1.0), 6) for e in (0, 5, 6, 8, 9)]
     [1.0, 1.0, 0.1, 0.1, 0.01]
     """
-    milestones = sorted((round(0.6 * epochs), round(0.9 * epochs)))
-    return base * 0.1 ** bisect.bisect_right(milestones, epoch)
+    return base * 0.1 ** bisect.bisect_right(sorted(lr_milestones(epochs)), epoch)
 
 
 def decay_scheduler(

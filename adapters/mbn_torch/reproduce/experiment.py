@@ -48,6 +48,7 @@ __all__ = [
     "RunResult",
     "check_data",
     "decay_scheduler",
+    "lr_milestones",
     "planned_runs",
     "run_experiment",
     "steps_per_run",
@@ -345,6 +346,17 @@ class _Recorder:
         return {"channel": 0, "count": self.count, **self.values}
 
 
+def lr_milestones(epochs: int) -> tuple[int, int]:
+    """The 0-indexed epochs from which the learning rate is divided by 10: 60% and 90%.
+
+    Examples
+    --------
+    >>> lr_milestones(10), lr_milestones(200)
+    ((6, 9), (120, 180))
+    """
+    return round(0.6 * epochs), round(0.9 * epochs)
+
+
 def decay_scheduler(
     model: nn.Module,
     *,
@@ -472,7 +484,7 @@ def train_one(
         weight_decay=weight_decay,
     )
     lr_sched = torch.optim.lr_scheduler.MultiStepLR(
-        opt, milestones=[round(0.6 * epochs), round(0.9 * epochs)], gamma=0.1
+        opt, milestones=list(lr_milestones(epochs)), gamma=0.1
     )
     decay_modules = [m for m in model.modules() if isinstance(m, _DecayNorm)]
     decays = decay_scheduler(
