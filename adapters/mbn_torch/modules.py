@@ -443,6 +443,17 @@ class _MomentumBatchNorm(_DecayNorm):
         else:
             self.moving_var.copy_(var)
 
+    @staticmethod
+    def _snapshot(state: mr.MBNState) -> mr.MBNState:
+        """``state`` with copies of the moving statistics that a compiled backward saves.
+
+        The statistics the backward needs must not be recomputed from the buffers that the
+        step updates (see :func:`~mbn_torch._function.snapshot`); one call of the custom op
+        for both vectors (each call costs a trip through Python).
+        """
+        both = snapshot(torch.stack((state.moving_mean, state.moving_var)))
+        return state._replace(moving_mean=both[0], moving_var=both[1])
+
     def _path(self, x: torch.Tensor, all_sum: AllSum | None) -> str:
         """Which implementation computes this call; each gives the core's numbers.
 
@@ -508,9 +519,7 @@ class _MomentumBatchNorm(_DecayNorm):
             decays: tuple[float | torch.Tensor, float | torch.Tensor]
             if torch.compiler.is_compiling():  # decays as tensors; see snapshot
                 decays = (self.lam, self._tau())
-                state_in = state._replace(
-                    moving_mean=snapshot(state.moving_mean), moving_var=snapshot(state.moving_var)
-                )
+                state_in = self._snapshot(state)
             else:
                 decays = (self._host_lam.read(self.lam, "lam"), self._host_tau_or_tensor())
                 state_in = state
@@ -524,11 +533,7 @@ class _MomentumBatchNorm(_DecayNorm):
         tau = self._tau() if self.training else self.inference_decay
         state_in = state
         if self.training and torch.compiler.is_compiling():
-            # the statistics the backward needs must not be recomputed from the buffers
-            # updated below (see snapshot)
-            state_in = state._replace(
-                moving_mean=snapshot(state.moving_mean), moving_var=snapshot(state.moving_var)
-            )
+            state_in = self._snapshot(state)
         y, new_state = momentum_batch_norm(
             input,
             self.weight,
