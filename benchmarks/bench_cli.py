@@ -83,6 +83,25 @@ def timing(args: argparse.Namespace) -> Timing:
     return Timing(rounds, warmup, min_ms / 1e3)
 
 
+def report_problems(
+    report: dict[str, Any], schema: str, header_keys: tuple[str, ...]
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """What every script's ``validate_report`` checks first: schema, header keys, cases.
+
+    Returns the problems found and the report's cases (empty when there are none, which is
+    itself a problem).
+    """
+    problems: list[str] = []
+    if report.get("schema") != schema:
+        problems.append(f"schema is {report.get('schema')!r}, expected {schema!r}")
+    header = report.get("header", {})
+    problems += [f"header lacks {key!r}" for key in header_keys if key not in header]
+    cases = report.get("cases")
+    if not isinstance(cases, list) or not cases:
+        return [*problems, "no cases"], []
+    return problems, cases
+
+
 def write_json(report: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=1) + "\n")

@@ -488,16 +488,13 @@ def table(cases: Sequence[dict[str, Any]]) -> str:
 
 def validate_report(report: dict[str, Any]) -> list[str]:
     """Problems with a report's schema or values (empty when fine); used by the smoke test."""
-    problems: list[str] = []
-    if report.get("schema") != SCHEMA:
-        problems.append(f"schema is {report.get('schema')!r}, expected {SCHEMA!r}")
-    header = report.get("header", {})
-    for key in ("versions", "torch_num_threads", "settings", "load_average_start", "device"):
-        if key not in header:
-            problems.append(f"header lacks {key!r}")
-    cases = report.get("cases")
-    if not isinstance(cases, list) or not cases:
-        return [*problems, "no cases"]
+    problems, cases = bench_cli.report_problems(
+        report,
+        SCHEMA,
+        ("versions", "torch_num_threads", "settings", "load_average_start", "device"),
+    )
+    if not cases:
+        return problems
     for case in cases:
         where = f"{case.get('case')}/{case.get('mode')}"
         if set(case.get("contenders", {})) != set(CONTENDERS):
