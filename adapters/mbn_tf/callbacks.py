@@ -246,25 +246,11 @@ class MomentumScheduler(_DecayCallback):
         )
 
         def eq11() -> Schedule:
-            if batch_size is None or total_epochs is None:
-                raise ValueError(
-                    "lam=None uses the paper's Eq. 11, which needs batch_size and "
-                    "total_epochs; pass them, or pass lam= (a decay, a schedule or 'keep')"
-                )
-            return schedules.mbn_lambda_schedule(
-                total_epochs=total_epochs, batch_size=batch_size, ideal_batch_size=ideal_batch_size
-            )
+            return schedules.default_lam_schedule(batch_size, total_epochs, ideal_batch_size)
 
         def eq12() -> Schedule:
-            if batch_size is None:
-                raise ValueError(
-                    "momentum=None uses the paper's Eq. 12, which needs batch_size; pass it, "
-                    "or pass momentum= (a decay, a schedule or 'keep')"
-                )
-            return schedules.constant(
-                schedules.mbn_tau(
-                    batch_size=batch_size, ideal_batch_size=ideal_batch_size, tau0=tau0
-                )
+            return schedules.default_tau_schedule(
+                batch_size, ideal_batch_size, tau0, option="momentum"
             )
 
         self._schedules: dict[Target, Schedule | None] = {

@@ -246,27 +246,16 @@ class MomentumScheduler:
             else check_int("steps_per_epoch", steps_per_epoch, minimum=1)
         )
 
+        alternatives = "a decay, a schedule, a controller, or 'keep'"
+
         def eq11() -> Schedule:
-            if batch_size is None or total_epochs is None:
-                raise ValueError(
-                    "lam=None uses the paper's Eq. 11, which needs batch_size and "
-                    "total_epochs; pass them, or pass lam= (a decay, a schedule, a "
-                    "controller, or 'keep')"
-                )
-            return schedules.mbn_lambda_schedule(
-                total_epochs=total_epochs, batch_size=batch_size, ideal_batch_size=ideal_batch_size
+            return schedules.default_lam_schedule(
+                batch_size, total_epochs, ideal_batch_size, alternatives=alternatives
             )
 
         def eq12() -> Schedule:
-            if batch_size is None:
-                raise ValueError(
-                    "tau=None uses the paper's Eq. 12, which needs batch_size; pass it, or "
-                    "pass tau= (a decay, a schedule, a controller, or 'keep')"
-                )
-            return schedules.constant(
-                schedules.mbn_tau(
-                    batch_size=batch_size, ideal_batch_size=ideal_batch_size, tau0=tau0
-                )
+            return schedules.default_tau_schedule(
+                batch_size, ideal_batch_size, tau0, alternatives=alternatives
             )
 
         lam_slot = _slot("lam", lam, eq11) if lam_modules else _Slot("lam", "keep")

@@ -18,11 +18,14 @@ from numpy.typing import NDArray
 
 from .._validate import as_real_array, check_positive, check_real
 from ._types import Schedule, check_count
+from .basic import constant
 
 __all__ = [
     "PAPER_DEFAULTS_SEC_4_2",
     "PAPER_DEFAULTS_SEC_5_2",
     "PaperDefaults",
+    "default_lam_schedule",
+    "default_tau_schedule",
     "mbn_lambda",
     "mbn_lambda_schedule",
     "mbn_tau",
@@ -272,3 +275,62 @@ def mbn_tau(
     if not 0.0 < t0 < 1.0:
         raise ValueError(f"tau0 must be a decay in the open interval (0, 1), got {tau0!r}")
     return float(t0 ** (m / m0))
+
+
+def default_lam_schedule(
+    batch_size: float | None,
+    total_epochs: float | None,
+    ideal_batch_size: float = PAPER_DEFAULTS_SEC_5_2.ideal_batch_size,
+    *,
+    option: str = "lam",
+    alternatives: str = "a decay, a schedule or 'keep'",
+) -> Schedule:
+    """Eq. 11 as the default (``None``) of a scheduler's option: :func:`mbn_lambda_schedule`.
+
+    For schedulers whose ``batch_size``/``total_epochs`` are optional: without them the
+    error names the option and what else it takes (``alternatives``).
+
+    Examples
+    --------
+    >>> default_lam_schedule(2, 200)(199)
+    0.9375
+    >>> default_lam_schedule(2, None)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: lam=None uses the paper's Eq. 11, which needs batch_size and total_epochs; ...
+    """
+    if batch_size is None or total_epochs is None:
+        raise ValueError(
+            f"{option}=None uses the paper's Eq. 11, which needs batch_size and total_epochs; "
+            f"pass them, or pass {option}= ({alternatives})"
+        )
+    return mbn_lambda_schedule(
+        total_epochs=total_epochs, batch_size=batch_size, ideal_batch_size=ideal_batch_size
+    )
+
+
+def default_tau_schedule(
+    batch_size: float | None,
+    ideal_batch_size: float = PAPER_DEFAULTS_SEC_5_2.ideal_batch_size,
+    tau0: float = PAPER_DEFAULTS_SEC_5_2.tau0,
+    *,
+    option: str = "tau",
+    alternatives: str = "a decay, a schedule or 'keep'",
+) -> Schedule:
+    """Eq. 12 as the default (``None``) of a scheduler's option: the constant :func:`mbn_tau`.
+
+    Examples
+    --------
+    >>> round(default_tau_schedule(2)(0), 4)
+    0.9899
+    >>> default_tau_schedule(None, option="momentum")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: momentum=None uses the paper's Eq. 12, ... or pass momentum= (a decay, ...)
+    """
+    if batch_size is None:
+        raise ValueError(
+            f"{option}=None uses the paper's Eq. 12, which needs batch_size; pass it, or pass "
+            f"{option}= ({alternatives})"
+        )
+    return constant(mbn_tau(batch_size=batch_size, ideal_batch_size=ideal_batch_size, tau0=tau0))
