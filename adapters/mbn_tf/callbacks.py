@@ -38,7 +38,7 @@ it by hand (docs/keras.md, *Resuming*).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Literal, TypeAlias
+from typing import Any, ClassVar, Literal, TypeAlias
 
 import keras
 
@@ -348,7 +348,49 @@ class MomentumScheduler(_DecayCallback):
         self.epochs, self.iterations, self._last = epochs, iterations, last
 
 
-class MomentumOnPlateau(_DecayCallback):
+class _ControllerCallback(_DecayCallback):
+    """A :mod:`mbn_ref.schedules` controller driving one decay of every layer of ours.
+
+    Its state starts at ``controller.init()``; :meth:`_apply` assigns a state's decay and
+    keeps the state; ``state_dict`` is the controller's ``state_to_dict`` (JSON-compatible).
+    """
+
+    _controller_type: ClassVar[Any]  # the controller class (Any: isinstance then keeps Any)
+
+    def __init__(self, controller: Any, decay: Target, restore: bool) -> None:
+        super().__init__()
+        self.restore = bool(restore)
+        if not isinstance(controller, self._controller_type):
+            raise TypeError(
+                f"controller must be a mbn_ref.schedules.{self._controller_type.__name__}, "
+                f"got {controller!r}"
+            )
+        if decay not in ("lam", "momentum"):
+            raise ValueError(f"decay must be 'lam' or 'momentum', got {decay!r}")
+        self.controller = controller
+        self.decay = decay
+        self.state = self.controller.init()
+
+    def _apply(self, state: Any) -> None:
+        self._assign({self.decay: state.decay})
+        self.state = state
+
+    def on_train_begin(self, logs: Any = None) -> None:
+        """Attach (restore the state the model carries) and apply the controller's decay."""
+        self._attach()
+        self._apply(self.state)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The controller's state (its ``state_to_dict``: JSON-compatible)."""
+        state: dict[str, Any] = self.controller.state_to_dict(self.state)
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (the controller's ``state_from_dict``: strict)."""
+        self.state = self.controller.state_from_dict(state)
+
+
+class MomentumOnPlateau(_ControllerCallback):
     """Drive one decay with :class:`mbn_ref.schedules.PlateauController` on a logged metric.
 
     Keras' ``ReduceLROnPlateau`` for a decay: at the start of training the controller's
@@ -382,6 +424,8 @@ class MomentumOnPlateau(_DecayCallback):
     {'decay': 0.9, 'best': None}
     """
 
+    _controller_type = PlateauController
+
     def __init__(
         self,
         controller: PlateauController | None = None,
@@ -390,24 +434,8 @@ class MomentumOnPlateau(_DecayCallback):
         decay: Target = "momentum",
         restore: bool = True,
     ) -> None:
-        super().__init__()
-        self.restore = bool(restore)
-        controller = PlateauController() if controller is None else controller
-        if not isinstance(controller, PlateauController):
-            raise TypeError(
-                f"controller must be a mbn_ref.schedules.PlateauController, got {controller!r}"
-            )
-        if decay not in ("lam", "momentum"):
-            raise ValueError(f"decay must be 'lam' or 'momentum', got {decay!r}")
-        self.controller = controller
+        super().__init__(PlateauController() if controller is None else controller, decay, restore)
         self.monitor = str(monitor)
-        self.decay = decay
-        self.state = controller.init()
-
-    def on_train_begin(self, logs: Any = None) -> None:
-        """Attach (restore the state the model carries) and apply the controller's decay."""
-        self._attach()
-        self._assign({self.decay: self.state.decay})
 
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
         """Observe ``logs[monitor]`` and apply the controller's new decay."""
@@ -417,17 +445,7 @@ class MomentumOnPlateau(_DecayCallback):
                 f"MomentumOnPlateau monitors {self.monitor!r}, which is not in the epoch's "
                 f"logs {sorted(logs)} (pass validation_data to fit for 'val_*' metrics)"
             )
-        state = self.controller.update(self.state, float(logs[self.monitor]))
-        self._assign({self.decay: state.decay})
-        self.state = state
-
-    def state_dict(self) -> dict[str, Any]:
-        """The controller's state, ``{"decay", "best"}`` (JSON-compatible)."""
-        return self.controller.state_to_dict(self.state)
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` (the controller's ``state_from_dict``: strict)."""
-        self.state = self.controller.state_from_dict(state)
+        self._apply(self.controller.update(self.state, float(logs[self.monitor])))
 
 
 class _Record:
@@ -526,7 +544,7 @@ def _device_array(tensor: Any) -> Any:
         return jnp.from_dlpack(tensor)
 
 
-class MomentumFromGradientNoise(_DecayCallback):
+class MomentumFromGradientNoise(_ControllerCallback):
     """Drive one decay with :class:`mbn_ref.schedules.GradientNoiseController` during ``fit``.
 
     After every training batch the controller folds in that step's gradient and the new
@@ -566,21 +584,12 @@ class MomentumFromGradientNoise(_DecayCallback):
     (0.5, 0)
     """
 
+    _controller_type = GradientNoiseController
+
     def __init__(
         self, controller: GradientNoiseController, *, decay: Target = "lam", restore: bool = True
     ) -> None:
-        super().__init__()
-        self.restore = bool(restore)
-        if not isinstance(controller, GradientNoiseController):
-            raise TypeError(
-                "controller must be a mbn_ref.schedules.GradientNoiseController, got "
-                f"{controller!r}"
-            )
-        if decay not in ("lam", "momentum"):
-            raise ValueError(f"decay must be 'lam' or 'momentum', got {decay!r}")
-        self.controller = controller
-        self.decay = decay
-        self.state = controller.init()
+        super().__init__(controller, decay, restore)
 
     def on_train_begin(self, logs: Any = None) -> None:
         """Attach (as the other callbacks), create the gradient record, apply the decay."""
@@ -593,8 +602,7 @@ class MomentumFromGradientNoise(_DecayCallback):
                 "mbn_tf.GradientRecordingModel records; build the model as "
                 f"GradientRecordingModel(inputs, outputs), not {type(model).__name__}"
             )
-        self._attach()
-        self._assign({self.decay: self.state.decay})
+        super().on_train_begin(logs)
         record = model._gradient_record()
         size = sum(int(w.numpy().size) for w in model.trainable_weights)
         if record.variable is None or int(record.variable.shape[0]) != size:
@@ -606,14 +614,4 @@ class MomentumFromGradientNoise(_DecayCallback):
         """Fold in the step's gradient and apply the controller's new decay."""
         assert isinstance(self.model, GradientRecordingModel)
         gradient = self.model.recorded_gradient()
-        state = self.controller.update(self.state, _device_array(gradient))
-        self._assign({self.decay: state.decay})
-        self.state = state
-
-    def state_dict(self) -> dict[str, Any]:
-        """The controller's state (``state_to_dict``: lists, JSON-compatible)."""
-        return self.controller.state_to_dict(self.state)
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` (the controller's ``state_from_dict``: strict)."""
-        self.state = self.controller.state_from_dict(state)
+        self._apply(self.controller.update(self.state, _device_array(gradient)))
