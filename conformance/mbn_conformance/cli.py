@@ -29,6 +29,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mbn_ref.cli import UsageError
+
 from . import report, vectors
 from .builtin import BACKENDS
 from .checks import XfailEntry, XfailsFileError, checks, read_xfails
@@ -44,7 +46,6 @@ from .results import CaseResult, succeeded
 
 __all__ = ["add_arguments", "load_impl", "main", "read_vectors", "register", "run_command"]
 
-PROG = "mbn-ref conformance"
 DESCRIPTION = (
     "Run the conformance suite's checks (golden cases, refusals of bad input, and with "
     "--properties the hypothesis properties) against a BN/MBN implementation and print a "
@@ -75,10 +76,6 @@ exit status:
      golden-vector archive, a pattern that selects nothing, a bad xfails file, hypothesis
      missing for --properties, an unwritable --json path
 """
-
-
-class UsageError(Exception):
-    """A command-line problem the user can fix; reported on one line, exit status 2."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -178,15 +175,11 @@ def _backend(name: str) -> tuple[Adapter, str]:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """Run the subcommand for parsed ``args``; returns the exit status."""
-    try:
-        return _run(args)
-    except UsageError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
+    """Run the subcommand for parsed ``args``; returns the exit status.
 
-
-def _run(args: argparse.Namespace) -> int:
+    A usage problem raises :class:`mbn_ref.cli.UsageError`, which ``mbn-ref`` reports on
+    one line with exit status 2.
+    """
     adapter, source = _backend(args.backend) if args.backend else load_impl(args.impl)
     if args.json not in (None, "-"):  # an unwritable report path fails before any check runs
         try:

@@ -47,7 +47,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from mbn_ref.cli import positive_int
+from mbn_ref.cli import UsageError, positive_int
 
 from .data import DATASETS
 from .experiment import PRESETS_BY_DATA, Config, RunResult, steps_per_run
@@ -85,10 +85,6 @@ cifar10: CIFAR-10's binary version (cifar-10-binary.tar.gz, unpacked: PATH is it
 exit status: 0 success, 1 a run failed (a --nproc process: its error), 2 usage error
 (bad option or data files, unwritable output, missing dependency).
 """
-
-
-class UsageError(Exception):
-    """A command-line problem the user can fix; one line on stderr, exit status 2."""
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -406,11 +402,8 @@ def run_command(args: argparse.Namespace) -> int:
     """Run the subcommand for parsed ``args``; returns the exit status."""
     from .multiproc import WorkerError
 
-    try:
+    try:  # a UsageError is mbn-ref's to report (one line, exit status 2)
         return _run(args)
-    except UsageError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
     except WorkerError as exc:
         print(f"{PROG}: error: a run failed: {exc}", file=sys.stderr)
         return 1
