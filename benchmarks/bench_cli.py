@@ -53,6 +53,12 @@ def add_timing_arguments(p: argparse.ArgumentParser, default_json: Path, quick_h
         help="calls per contender before timing (default 3; 1 with --quick)",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="keep glibc's malloc thresholds (default: the script re-executes itself with "
+        "steady ones, bench_timing.MALLOC_TUNABLES)",
+    )
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from bench_timing import steady_malloc  # type: ignore[import-not-found]  # sibling module
+
+if __name__ == "__main__":  # before the frameworks load
+    steady_malloc(sys.argv)
+
 import bench_cli  # type: ignore[import-not-found]  # sibling script module
 import numpy as np
 from bench_timing import (  # type: ignore[import-not-found]  # sibling script module

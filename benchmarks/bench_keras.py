@@ -52,6 +52,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench_timing import steady_malloc  # type: ignore[import-not-found]  # sibling module
+
+if __name__ == "__main__":  # before the frameworks load
+    steady_malloc(sys.argv)
+
 if "--backend-run" not in sys.argv:
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -58,6 +58,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench_timing import steady_malloc  # type: ignore[import-not-found]  # sibling module
+
+if __name__ == "__main__":  # before the frameworks load
+    steady_malloc(sys.argv)
+
 import bench_cli  # type: ignore[import-not-found]  # sibling script module
 import torch
 from bench_timing import (  # type: ignore[import-not-found]  # sibling script module

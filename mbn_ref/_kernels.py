@@ -242,20 +242,27 @@ def kernel_terms(
     stats_weight: Array,
     batch_mean: Array,
     count: int | Array,
-) -> tuple[Array, Array, Array]:
-    """``dx`` through a fused BN training-backward kernel ``K``: ``(weight, dy_scale, shift)``.
+) -> tuple[Array, Array, Array, Array, Array]:
+    """``dx`` through a fused BN training-backward kernel ``K`` and one per-channel correction.
 
-    ``K(dy; mean, rstd, weight) = weight*rstd*(dy - sum(dy)/m - xhat*sum(dy*xhat)/m)`` is BN's
-    gradient for the statistics given to it. With ``s = gamma*rstd`` and
-    ``w = stats_weight``, :func:`normalize_backward`'s ``dx = s*dy - k1*xhat - k0`` is::
+    ``K(dy; mean, r, w) = w*r*(dy - S0/m - xhat*S1/m)`` with ``xhat = (x - mean)*r``,
+    ``S0 = sum(dy)`` and ``S1 = sum(dy*xhat)`` is BN's gradient for the statistics given to
+    it. With ``s = gamma*rstd``, ``w = stats_weight`` and ``o = sqrt(w)``, called with
+    ``r = o*rstd`` and the weight ``gamma/o`` it gives :func:`normalize_backward`'s
+    ``dx = s*dy - k1*xhat - k0`` except for a per-channel constant::
 
-        dx = K(dy; mean, rstd, w*gamma) + (1 - w)*s*dy - shift*sum(dy*xhat)
+        dx = K(dy; mean, o*rstd, gamma/o) + (1 - w)*s/m * S0 + o*s*rstd*(mu_B - mean)/m * S1
 
-    with ``shift = w*s*(mean - mu_B)*rstd/m``: :func:`stats_coefficients`' ``k1`` and the
-    ``sum(dy)`` part of ``k0`` are ``K``'s own terms.
+    and ``dgamma = S1/o`` (the kernel's ``S1`` is over its ``xhat = o*(x - mean)*rstd``).
+    Returns ``(o*rstd, gamma/o, S0 scale, S1 scale, o)``. ``o`` is ``sqrt(w + eps**2)``
+    for the dtype's ``eps``: ``w`` itself wherever ``w > eps`` (the sum rounds to ``w``),
+    and no division by zero at ``w = 0`` (``lam = 1``), where the terms it scales then fall
+    below the dtype's resolution.
     """
     s = rstd if gamma is None else gamma * rstd
-    weight = stats_weight * (xp.ones_like(rstd) if gamma is None else gamma)
-    dy_scale = (1 - stats_weight) * s
-    shift = (stats_weight / at_least_one(xp, count)) * (mean - batch_mean) * s * rstd
-    return weight, dy_scale, shift
+    o = xp.sqrt(stats_weight + xp.finfo(rstd.dtype).eps ** 2)
+    weight = (xp.ones_like(rstd) if gamma is None else gamma) / o
+    per_value = s / at_least_one(xp, count)
+    sum_dy_scale = (1 - stats_weight) * per_value
+    sum_dy_xhat_scale = (o * per_value) * (batch_mean - mean) * rstd
+    return o * rstd, weight, sum_dy_scale, sum_dy_xhat_scale, o

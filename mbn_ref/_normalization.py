@@ -411,15 +411,20 @@ def backward(
 
 
 class KernelTerms(NamedTuple):
-    """Per-channel vectors that turn BN's fused training-backward kernel into MBN's gradient.
+    """How BN's fused training-backward kernel gives MBN's gradient; see :func:`kernel_terms`.
 
-    See :func:`kernel_terms`: ``dx = K(dy; mean, rstd, weight) + dy_scale*dy -
-    shift*sum(dy*xhat)`` (compute dtype).
+    Call the kernel with ``(ctx.mean, rstd, weight)``; from its ``dx``, ``S1 = sum(dy*xhat)``
+    and ``S0 = sum(dy)``: ``dx + sum_dy_scale*S0 + sum_dy_xhat_scale*S1``, ``dgamma =
+    S1/rstd_scale``, ``dbeta = S0`` (per-channel vectors and a 0-d ``rstd_scale``, in the
+    compute dtype). ``rstd`` is ``ctx.rstd*rstd_scale`` and ``weight`` is
+    ``gamma/rstd_scale``.
     """
 
+    rstd: Array
     weight: Array
-    dy_scale: Array
-    shift: Array
+    sum_dy_scale: Array
+    sum_dy_xhat_scale: Array
+    rstd_scale: Array
 
 
 def kernel_terms(ctx: NormContext, *, xp: Namespace | None = None) -> KernelTerms:
@@ -431,12 +436,17 @@ def kernel_terms(ctx: NormContext, *, xp: Namespace | None = None) -> KernelTerm
 
         K(dy; mean, rstd, weight) = weight*rstd*(dy - sum(dy)/m - xhat*sum(dy*xhat)/m)
 
-    with ``xhat = (x - mean)*rstd``; it also returns ``sum(dy*xhat)``, which does not depend
-    on ``weight``. MBN's gradient (``ctx`` of a training step, from
-    :func:`mbn_ref.mbn_from_moments` or :func:`mbn_ref.mbn_forward`) is the kernel with
-    MBN's statistics plus two per-channel terms (``docs/derivations/backward.md``)::
+    with ``xhat = (x - mean)*rstd``, and returns ``sum(dy*xhat)`` and ``sum(dy)`` beside it.
+    MBN's gradient (``ctx`` of a training step, from :func:`mbn_ref.mbn_from_moments` or
+    :func:`mbn_ref.mbn_forward`) is that kernel called with a scaled ``rstd`` and ``weight``,
+    plus one per-channel constant built from the kernel's two sums
+    (``docs/derivations/backward.md``)::
 
-        dx = K(dy; ctx.mean, ctx.rstd, weight) + dy_scale*dy - shift*sum(dy*xhat)
+        dx, s1, s0 = K(dy; ctx.mean, t.rstd, t.weight), sum(dy*xhat), sum(dy)
+        dx = dx + t.sum_dy_scale*s0 + t.sum_dy_xhat_scale*s1
+        dgamma, dbeta = s1/t.rstd_scale, s0
+
+    one pass over the data besides the kernel's.
 
     Parameters
     ----------
@@ -448,8 +458,11 @@ def kernel_terms(ctx: NormContext, *, xp: Namespace | None = None) -> KernelTerm
     Returns
     -------
     KernelTerms
-        ``weight = (1-lam)*gamma``, ``dy_scale = lam*gamma*rstd`` and
-        ``shift = (1-lam)*gamma*rstd*(mean - mu_B)*rstd/m`` (``gamma`` is 1 when absent).
+        With ``o = sqrt(1 - lam)``, ``r = ctx.rstd``, ``s = gamma*r`` (``gamma`` 1 when
+        absent) and ``m`` values per channel: ``rstd = o*r``, ``weight = gamma/o``,
+        ``sum_dy_scale = lam*s/m``, ``sum_dy_xhat_scale = o*s*r*(mu_B - mean)/m`` and
+        ``rstd_scale = o``. ``o`` is ``sqrt(1 - lam + eps**2)`` for the dtype's ``eps``: the
+        same number wherever ``1 - lam > eps``, and no division by zero at ``lam = 1``.
 
     Raises
     ------
@@ -458,7 +471,7 @@ def kernel_terms(ctx: NormContext, *, xp: Namespace | None = None) -> KernelTerm
 
     Examples
     --------
-    A NumPy stand-in for the kernel gives :func:`backward`'s gradient:
+    A NumPy stand-in for the kernel gives :func:`backward`'s gradients:
 
     >>> import numpy as np
     >>> import mbn_ref as mr
@@ -468,11 +481,14 @@ def kernel_terms(ctx: NormContext, *, xp: Namespace | None = None) -> KernelTerm
     >>> def kernel(dy, mean, rstd, weight):
     ...     xhat = (x - mean) * rstd
     ...     dx = weight * rstd * (dy - dy.mean(0) - xhat * (dy * xhat).mean(0))
-    ...     return dx, (dy * xhat).sum(0)
+    ...     return dx, (dy * xhat).sum(0), dy.sum(0)
     >>> t = mr.kernel_terms(ctx)
-    >>> k, sum_dy_xhat = kernel(dy, ctx.mean, ctx.rstd, t.weight)
-    >>> dx = k + t.dy_scale * dy - t.shift * sum_dy_xhat
-    >>> bool(np.allclose(dx, mr.backward(dy, ctx)[0], rtol=1e-12, atol=1e-12))
+    >>> k, s1, s0 = kernel(dy, ctx.mean, t.rstd, t.weight)
+    >>> dx = k + t.sum_dy_scale * s0 + t.sum_dy_xhat_scale * s1
+    >>> expected_dx, expected_dgamma, _ = mr.backward(dy, ctx)
+    >>> bool(np.allclose(dx, expected_dx, rtol=1e-12, atol=1e-12))
+    True
+    >>> bool(np.allclose(s1 / t.rstd_scale, expected_dgamma, rtol=1e-12, atol=1e-12))
     True
     """
     if ctx.all_sum is not None:

@@ -28,7 +28,7 @@ from typing import Any, Literal
 import array_api_compat
 
 from . import _kernels
-from ._validate import check_decay, check_int, check_update_rate
+from ._validate import check_decay, check_int, check_positive, check_update_rate
 
 __all__ = [
     "FRAMEWORKS",
@@ -39,6 +39,7 @@ __all__ = [
     "decay_from_keras",
     "decay_from_torch",
     "decay_from_update_rate",
+    "inverse_std",
     "keras_from_decay",
     "torch_from_decay",
     "unbiased_factor",
@@ -341,6 +342,44 @@ def cumulative_decay(num_batches_tracked: Any, dtype: Any, *, xp: Any = None) ->
         xp = array_api_compat.array_namespace(num_batches_tracked)
     nf = xp.astype(num_batches_tracked, dtype)
     return nf / (nf + 1)
+
+
+def inverse_std(var: Any, eps: float, *, xp: Any = None) -> Any:
+    """``1 / sqrt(var + eps)``: the normalizing factor, with ``eps`` inside the square root.
+
+    The placement of every framework here (PyTorch, Keras, Flax, ONNX) and of the paper;
+    the core normalizes with it, and an adapter that computes the factor beside a fused
+    kernel calls this function.
+
+    Parameters
+    ----------
+    var : array
+        The (biased) variance.
+    eps : float
+        A finite host real ``> 0``.
+    xp : namespace, optional
+        ``var``'s Array API namespace; by default found with array-api-compat.
+
+    Returns
+    -------
+    array
+        ``1 / sqrt(var + eps)``, ``var``'s shape and dtype.
+
+    Raises
+    ------
+    ValueError
+        ``eps`` is not a finite number ``> 0``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> inverse_std(np.array([3.0, 0.0]), 1.0).tolist()
+    [0.5, 1.0]
+    """
+    eps = check_positive("eps", eps)
+    if xp is None:
+        xp = array_api_compat.array_namespace(var)
+    return _kernels.inverse_std(xp, var, eps)
 
 
 def unbiased_factor(m: int) -> float:

@@ -24,12 +24,12 @@ def _bn_eval_kernel(x, mean, var, gamma, beta):
 
 
 def _bn_backward_kernel(dy, x, mean, rstd, weight, axes):
-    """BN's training gradient for the statistics given, and sum(dy*xhat)."""
+    """BN's training gradient for the statistics given, sum(dy*xhat) and sum(dy)."""
     xhat = (x - mean) * rstd
     m = x.size // mean.size
     sum_dy = dy.sum(axis=axes, keepdims=True)
     sum_dy_xhat = (dy * xhat).sum(axis=axes, keepdims=True)
-    return weight * rstd * (dy - sum_dy / m - xhat * sum_dy_xhat / m), sum_dy_xhat
+    return weight * rstd * (dy - sum_dy / m - xhat * sum_dy_xhat / m), sum_dy_xhat, sum_dy
 
 
 def _channel(v: np.ndarray, ndim: int) -> np.ndarray:
@@ -60,7 +60,7 @@ def test_the_kernels_and_the_terms_give_the_cores_mbn(shape, lam, affine_scale, 
     y_core, state_core, ctx_core = mr.mbn_forward(
         x, state, gamma, beta, lam=lam, tau=0.8, estimator="unbiased"
     )
-    dx_core, _, _ = mr.backward(dy, ctx_core)
+    dx_core, dgamma_core, dbeta_core = mr.backward(dy, ctx_core)
 
     new_state, ctx = mr.mbn_from_moments(
         x, state, gamma, beta, x.mean(axis=axes), x.var(axis=axes),
@@ -74,10 +74,15 @@ def test_the_kernels_and_the_terms_give_the_cores_mbn(shape, lam, affine_scale, 
     )
     np.testing.assert_allclose(y, y_core, rtol=1e-12, atol=1e-12)
     t = mr.kernel_terms(ctx)
-    mean, rstd = _channel(ctx.mean, x.ndim), _channel(ctx.rstd, x.ndim)
-    k, sum_dy_xhat = _bn_backward_kernel(dy, x, mean, rstd, _channel(t.weight, x.ndim), axes)
-    dx = k + _channel(t.dy_scale, x.ndim) * dy - _channel(t.shift, x.ndim) * sum_dy_xhat
+    k, s1, s0 = _bn_backward_kernel(
+        dy, x, *(_channel(v, x.ndim) for v in (ctx.mean, t.rstd, t.weight)), axes
+    )
+    dx = k + _channel(t.sum_dy_scale, x.ndim) * s0 + _channel(t.sum_dy_xhat_scale, x.ndim) * s1
     np.testing.assert_allclose(dx, dx_core, rtol=1e-11, atol=1e-12)
+    if gamma is not None:
+        np.testing.assert_allclose(s1.ravel() / t.rstd_scale, dgamma_core, rtol=1e-11, atol=1e-12)
+    if beta is not None:
+        np.testing.assert_allclose(s0.ravel(), dbeta_core, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("tau", [None, 0.0, 0.99])

@@ -128,6 +128,24 @@ def test_runtime_state_decays_as_0d_arrays_match_python_floats(xp):
         _check_state_home(s_arr, xp, xp.float64, array_api_compat.device(x))
 
 
+@pytest.mark.parametrize("lam", [0.0, 0.6, 1.0])
+def test_kernel_terms_same_numbers_on_every_namespace(xp, lam):
+    """The terms of MBN's gradient through a BN kernel, the decay a float or a 0-d array."""
+    x_np = _data((5, 2, 3), 1, seed=6)[0]
+    gamma_np = np.array([0.5, 2.0])
+    _, _, ctx_np = mr.mbn_forward(x_np, mr.init_state(2), gamma_np, None, lam=lam)
+    expected = mr.kernel_terms(ctx_np)
+    for decay in (lam, xp.asarray(lam, dtype=xp.float64)):
+        x = xp.asarray(x_np)
+        _, _, ctx = mr.mbn_forward(
+            x, mr.init_state(2, xp=xp, dtype=xp.float64), xp.asarray(gamma_np), None, lam=decay
+        )
+        for name, a, e in zip(mr.KernelTerms._fields, mr.kernel_terms(ctx), expected, strict=True):
+            if name != "rstd_scale":  # 0-d: NumPy makes it a scalar
+                _same_home(a, x)
+            np.testing.assert_allclose(to_numpy(a), e, rtol=1e-15, atol=1e-300, err_msg=name)
+
+
 def test_float32_on_every_namespace_stays_float32(xp):
     c = 3
     x_np = _data((4, c, 3), 1, seed=4)[0].astype(np.float32)

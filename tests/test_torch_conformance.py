@@ -88,7 +88,7 @@ class _Paths(TorchFunctionMode):
         super().__init__()
         self.fused: list[bool] = []
         self.core: list[tuple[float, bool, bool]] = []
-        self.kernel: list[float] = []  # mbn_ref.mbn_from_moments: MBN on PyTorch's kernels
+        self.kernel: list[float] = []  # mbn_ref.kernel_terms: MBN on PyTorch's kernels
 
     def __torch_function__(
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
@@ -131,13 +131,13 @@ def paths(monkeypatch: pytest.MonkeyPatch) -> Iterator[_Paths]:
         return core(*args, **kwargs)
 
     monkeypatch.setattr(mbn_ref, "mbn_forward", recorded)  # mbn_torch calls mr.mbn_forward
-    from_moments = mbn_ref.mbn_from_moments
+    terms = mbn_ref.kernel_terms
 
-    def recorded_kernel(*args: Any, **kwargs: Any) -> Any:
-        recorder.kernel.append(float(kwargs["lam"]))
-        return from_moments(*args, **kwargs)
+    def recorded_kernel(ctx: mbn_ref.NormContext, **kwargs: Any) -> Any:
+        recorder.kernel.append(1.0 - float(ctx.stats_weight))  # lam
+        return terms(ctx, **kwargs)
 
-    monkeypatch.setattr(mbn_ref, "mbn_from_moments", recorded_kernel)
+    monkeypatch.setattr(mbn_ref, "kernel_terms", recorded_kernel)
     with recorder:
         yield recorder
 

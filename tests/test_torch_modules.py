@@ -153,8 +153,9 @@ def test_track_running_stats_false_is_batchnorm_without_stats():
 # -- MBN (lam > 0) is the core's Algorithm 1 -------------------------------------------------
 
 
-def test_mbn_matches_core_trajectory():
-    lam, momentum = 0.6, 0.2
+@pytest.mark.parametrize("lam", [0.6, 0.999, 1.0])
+def test_mbn_matches_core_trajectory(lam):
+    momentum = 0.2
     module = MomentumBatchNorm2d(3, momentum=momentum, dtype=torch.float64, lam=lam)
     _affine(module, torch.float64)
     gamma, beta = module.weight.detach().numpy().copy(), module.bias.detach().numpy().copy()
@@ -183,6 +184,30 @@ def test_mbn_matches_core_trajectory():
     module.eval()
     y_eval, _, _ = mr.mbn_forward(xn, state, gamma, beta, training=False)
     np.testing.assert_allclose(module(x).detach().numpy(), y_eval, rtol=1e-12, atol=1e-12)
+
+
+def test_two_forwards_then_one_backward():
+    """The second step updates the buffers in place before the first step's backward runs:
+    each step's gradient still uses the statistics that normalized its own batch."""
+    lam, tau = 0.6, 0.9
+    module = MomentumBatchNorm2d(3, momentum=1 - tau, dtype=torch.float64, lam=lam)
+    _affine(module, torch.float64)
+    gamma, beta = module.weight.detach().numpy().copy(), module.bias.detach().numpy().copy()
+    state, expected, loss = mr.init_state(3), [], 0.0
+    xs = [x.clone().requires_grad_(True) for x in _batches(torch.float64, n=2)]
+    for i, x in enumerate(xs):
+        dy = _dy(x.shape, torch.float64) * (i + 1)
+        _, state, ctx = mr.mbn_forward(
+            x.detach().numpy(), state, gamma, beta, lam=lam, tau=tau, estimator="unbiased"
+        )
+        expected.append(mr.backward(dy.numpy(), ctx))
+        loss = loss + (module(x) * dy).sum()
+    loss.backward()
+    for x, (dx, _, _) in zip(xs, expected, strict=True):
+        np.testing.assert_allclose(x.grad.numpy(), dx, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(
+        module.weight.grad.numpy(), expected[0][1] + expected[1][1], rtol=1e-12, atol=1e-12
+    )
 
 
 def test_buffers_updated_in_place():
@@ -463,8 +488,8 @@ def _count_core_calls(monkeypatch, *names):
     ("lam", "nonfinite", "dtype", "kernels", "path"),
     [
         (0.0, "propagate", torch.float32, 1, None),  # BN: nn.BatchNorm2d's very kernel
-        (0.5, "propagate", torch.float32, 1, "mbn_from_moments"),  # BN kernel + affine map
-        (0.5, "propagate", torch.float64, 1, "mbn_from_moments"),
+        (0.5, "propagate", torch.float32, 1, "kernel_terms"),  # BN kernels + the core's terms
+        (0.5, "propagate", torch.float64, 1, "kernel_terms"),
         (0.5, "skip_update", torch.float32, 0, "mbn_forward"),  # the policy needs the core
         (0.0, "raise", torch.float32, 0, "mbn_forward"),
         (0.5, "propagate", torch.bfloat16, 0, "mbn_forward"),  # half precision on the CPU
@@ -474,7 +499,7 @@ def test_each_training_call_takes_its_path(monkeypatch, lam, nonfinite, dtype, k
     state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     module = MomentumBatchNorm2d(3, lam=lam, nonfinite=nonfinite, dtype=state_dtype)
     x = torch.randn(SHAPE).to(dtype)
-    calls = _count_core_calls(monkeypatch, "mbn_forward", "mbn_from_moments")
+    calls = _count_core_calls(monkeypatch, "mbn_forward", "kernel_terms")
     with _CountBatchNorm() as mode:
         module(x)
     assert mode.calls == kernels
@@ -483,9 +508,9 @@ def test_each_training_call_takes_its_path(monkeypatch, lam, nonfinite, dtype, k
 
 def test_input_of_another_dtype_than_the_state_takes_the_core(monkeypatch):
     module = MomentumBatchNorm2d(3, lam=0.5)  # float32 state
-    calls = _count_core_calls(monkeypatch, "mbn_forward", "mbn_from_moments")
+    calls = _count_core_calls(monkeypatch, "mbn_forward", "kernel_terms")
     module(torch.randn(SHAPE, dtype=torch.float64))
-    assert calls == {"mbn_forward": 1, "mbn_from_moments": 0}
+    assert calls == {"mbn_forward": 1, "kernel_terms": 0}
 
 
 def test_evaluation_runs_the_kernel_whatever_lam():

@@ -20,51 +20,57 @@ new state, and the modules write it into their buffers.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import array_api_compat.torch as txp
 import torch
 
 import mbn_ref as mr
+from mbn_ref import conventions
 from mbn_ref.distributed import AllSum
 
-__all__ = ["batch_statistics_norm", "kernel_momentum_batch_norm", "momentum_batch_norm", "snapshot"]
+__all__ = [
+    "batch_statistics_norm",
+    "kernel_momentum_batch_norm",
+    "kernel_momentum_batch_norm_",
+    "momentum_batch_norm",
+    "saved",
+]
 
 _N_STATE = len(mr.MBNState._fields)
 
 
-@torch.library.custom_op("mbn_torch::snapshot", mutates_args=())
-def snapshot(t: torch.Tensor) -> torch.Tensor:
-    """A copy of ``t`` that a compiled backward saves rather than recomputes.
+def saved(*vectors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``vectors`` through one ``torch.stack``: values a compiled backward saves, never recomputes.
 
-    Under ``torch.compile``, AOTAutograd's min-cut partitioner may recompute a saved
-    statistic in the backward from a state buffer that the forward mutated, reading the
-    updated buffer: silently wrong gradients (PyTorch pull request 197039, "Don't recompute
-    reads of mutated inputs or mutable buffers", open). A custom op is not on the
-    partitioner's recompute allowlist, so its output is saved (a C-vector).
+    Under ``torch.compile``, AOTAutograd's min-cut partitioner may recompute a value the
+    backward needs from a state buffer that the forward mutated, reading the updated
+    buffer: silently wrong gradients (PyTorch pull request 197039, "Don't recompute reads of
+    mutated inputs or mutable buffers", open). ``aten.cat``, which ``stack`` becomes, is not
+    on the partitioner's recompute allowlist
+    (``torch._functorch.partitioners.get_default_op_list``), so the stacked values are
+    saved, and the backward reads them as they are rather than recomputing per-channel
+    factors inside its loop over the data. ``tests/test_torch_modules.py`` (the compiled
+    training trajectory) fails without it.
 
     Parameters
     ----------
-    t : torch.Tensor
-        The state tensor to copy.
+    *vectors : torch.Tensor
+        Tensors of one shape and dtype.
 
     Returns
     -------
-    torch.Tensor
-        A copy of ``t``.
+    tuple of torch.Tensor
+        Their values (views of the stack).
 
     Examples
     --------
     >>> import torch
-    >>> snapshot(torch.ones(2)).tolist()
-    [1.0, 1.0]
+    >>> [v.tolist() for v in saved(torch.ones(2), torch.zeros(2))]
+    [[1.0, 1.0], [0.0, 0.0]]
     """
-    return t.clone()
-
-
-@snapshot.register_fake
-def _(t: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(t)
+    return torch.stack(vectors).unbind(0)
 
 
 class _MBNFunction(torch.autograd.Function):
@@ -112,16 +118,12 @@ class _MBNFunction(torch.autograd.Function):
         return (dx, dweight, dbias) + (None,) * (_N_STATE + 7)
 
 
-class _KernelMBNFunction(torch.autograd.Function):
-    """MBN training on PyTorch's fused BN kernels: ``(y, *new_state)``.
+class _KernelNormFunction(torch.autograd.Function):
+    """``gamma*(x - mean)*rstd + beta`` on PyTorch's BN kernels, with MBN's gradient.
 
-    Forward: ``torch.batch_norm_update_stats`` (compiled: ``torch.var_mean``, which inductor
-    turns into one fused reduction) computes the batch's mean and biased variance in one
-    pass, :func:`mbn_ref.mbn_from_moments` the new state and the normalizing (moving)
-    statistics, and ``torch.batch_norm`` in evaluation mode normalizes with them. Backward:
-    ``native_batch_norm_backward`` in training mode with those statistics, plus the two
-    per-channel terms of :func:`mbn_ref.kernel_terms`. For one device's batch (no
-    collective) of at least two values per channel.
+    Forward: ``torch.batch_norm`` in evaluation mode with the normalizing (moving)
+    statistics ``(mean, var)``. Backward: ``native_batch_norm_backward`` in training mode
+    as :func:`mbn_ref.kernel_terms` says (``terms``), and its one per-channel correction.
     """
 
     @staticmethod
@@ -130,64 +132,42 @@ class _KernelMBNFunction(torch.autograd.Function):
         x: torch.Tensor,
         weight: torch.Tensor | None,
         bias: torch.Tensor | None,
-        *rest: Any,
-    ) -> Any:
-        state = mr.MBNState(*rest[:_N_STATE])
-        lam, tau, eps = rest[_N_STATE:]
-        cdt = torch.float64 if x.dtype == torch.float64 else torch.float32  # compute dtype
-        if torch.compiler.is_compiling():  # one Welford reduction, fused with the cast
-            dims = [0, *range(2, x.dim())]
-            batch_var, batch_mean = torch.var_mean(x.to(cdt), dims, correction=0)
-        else:  # PyTorch's one-pass kernel (var_mean is slower in eager mode)
-            batch_mean, batch_var = torch.batch_norm_update_stats(x, None, None, 1.0)
-        new_state, core_ctx = mr.mbn_from_moments(
-            x,
-            state,
-            weight,
-            bias,
-            batch_mean.to(cdt),
-            batch_var.to(cdt),  # biased
-            lam=lam,
-            tau=tau,
-            eps=eps,
-            estimator="unbiased",
-            xp=txp,
-        )
-        y = torch.batch_norm(
-            x, weight, bias, new_state.moving_mean, new_state.moving_var,
-            False, 0.0, eps, torch.backends.cudnn.enabled,
-        )  # fmt: skip
-        terms = mr.kernel_terms(core_ctx, xp=txp)
-        ctx.save_for_backward(x, core_ctx.mean, core_ctx.rstd, *terms)
+        mean: torch.Tensor,
+        var: torch.Tensor,
+        terms: mr.KernelTerms,  # one argument: fewer for apply() to inspect
+        eps: float,
+    ) -> torch.Tensor:
+        ctx.save_for_backward(x, mean, *terms)
         ctx.eps = eps
         ctx.dtypes = (
             None if weight is None else weight.dtype,
             None if bias is None else bias.dtype,
         )
-        ctx.mark_non_differentiable(*new_state)
         ctx.set_materialize_grads(False)
-        return (y, *new_state)
+        return torch.batch_norm(
+            x, weight, bias, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled
+        )
 
     @staticmethod
-    def backward(ctx: Any, dy: torch.Tensor | None, *unused: Any) -> Any:
-        tail = (None,) * (_N_STATE + 3)
+    def backward(ctx: Any, dy: torch.Tensor | None) -> Any:
         if dy is None:
-            return (None, None, None, *tail)
-        x, mean, rstd, weight, dy_scale, shift = ctx.saved_tensors
+            return (None,) * 7
+        x, mean, rstd, weight, sum_dy_scale, sum_dy_xhat_scale, rstd_scale = ctx.saved_tensors
         gamma_dtype, beta_dtype = ctx.dtypes
-        # every output, even sum(dy) without a bias: PyTorch's CPU kernel is several times
-        # slower when any is left out
+        # every output: the correction needs both sums, with or without affine parameters
         dx, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
             dy, x, weight, None, None, mean, rstd, True, ctx.eps, [True, True, True]
         )
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        dx.addcmul_(dy, dy_scale.view(shape))
-        dx.sub_((shift * sum_dy_xhat).view(shape))
+        correction = sum_dy_scale * sum_dy + sum_dy_xhat_scale * sum_dy_xhat
+        dx.add_(correction.view((1, -1) + (1,) * (x.dim() - 2)))
         return (
             dx,
-            None if gamma_dtype is None else sum_dy_xhat.to(gamma_dtype),
+            None if gamma_dtype is None else (sum_dy_xhat / rstd_scale).to(gamma_dtype),
             None if beta_dtype is None else sum_dy.to(beta_dtype),
-            *tail,
+            None,
+            None,
+            None,
+            None,
         )
 
 
@@ -337,6 +317,37 @@ def batch_statistics_norm(
     return y
 
 
+update_rate = functools.lru_cache(maxsize=256)(conventions.update_rate_from_decay)
+"""PyTorch's ``momentum`` from a host decay, remembered: an eager step's decay rarely changes."""
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of statistics: float64 for float64 input, float32 otherwise."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _kernel_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    ctx: mr.NormContext,
+    var: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    """Normalize with a training step's context (``var``: its moving variance)."""
+    with torch.no_grad():
+        terms = mr.kernel_terms(ctx, xp=txp)
+        mean = ctx.mean
+        if torch.compiler.is_compiling():  # see saved
+            o = terms.rstd_scale.expand_as(mean)
+            mean, rstd, weight_k, scale0, scale1, o = saved(mean, *terms[:-1], o)
+            terms = mr.KernelTerms(rstd, weight_k, scale0, scale1, o)
+    y: torch.Tensor = _KernelNormFunction.apply(  # type: ignore[no-untyped-call]
+        x, weight, bias, mean, var, terms, eps
+    )
+    return y
+
+
 def kernel_momentum_batch_norm(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -389,5 +400,102 @@ def kernel_momentum_batch_norm(
     >>> bool(torch.allclose(y, y2)), bool(torch.allclose(new.running_var, new2.running_var))
     (True, True)
     """
-    out = _KernelMBNFunction.apply(x, weight, bias, *state, lam, tau, eps)  # type: ignore[no-untyped-call]
-    return out[0], mr.MBNState(*out[1 : 1 + _N_STATE])
+    cdt = _compute_dtype(x)
+    with torch.no_grad():
+        if torch.compiler.is_compiling():  # one Welford reduction, fused with the cast
+            dims = [0, *range(2, x.dim())]
+            batch_var, batch_mean = torch.var_mean(x.to(cdt), dims, correction=0)
+        else:  # PyTorch's one-pass kernel (var_mean is slower in eager mode)
+            batch_mean, batch_var = torch.batch_norm_update_stats(x, None, None, 1.0)
+        new_state, ctx = mr.mbn_from_moments(
+            x,
+            state,
+            weight,
+            bias,
+            batch_mean.to(cdt),
+            batch_var.to(cdt),  # biased
+            lam=lam,
+            tau=tau,
+            eps=eps,
+            estimator="unbiased",
+            xp=txp,
+        )
+    y = _kernel_norm(x, weight, bias, ctx, new_state.moving_var, eps)
+    return y, new_state
+
+
+def kernel_momentum_batch_norm_(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    state: mr.MBNState,
+    lam: float,
+    tau: float | None,
+    *,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """:func:`kernel_momentum_batch_norm` in eager mode, updating ``state``'s tensors in place.
+
+    The fewest operations per step for host decays (an eager module's, read and validated
+    once per change): ``torch.batch_norm_update_stats`` computes the batch's mean and biased
+    variance in one pass, and one ``torch._foreach_lerp_`` moves all four statistics in
+    place, each with its decay (``d*old + (1-d)*batch``: Eq. 8 with ``lam`` for the moving
+    statistics, ``tau`` and the unbiased variance for the inference ones). The normalizing
+    statistics, the gradient's terms and the backward pass are
+    :func:`kernel_momentum_batch_norm`'s.
+
+    Parameters
+    ----------
+    x, weight, bias
+        As in :func:`kernel_momentum_batch_norm`.
+    state : mbn_ref.MBNState
+        The module's buffers, updated in place; the statistics in the compute dtype.
+    lam, tau : float
+        Host decays in ``[0, 1]`` (validated by the caller); ``tau`` ``None`` for the
+        cumulative average.
+    eps : float, optional
+        Added to the variance inside the square root.
+
+    Returns
+    -------
+    torch.Tensor
+        The output, in ``x``'s dtype.
+
+    Examples
+    --------
+    >>> import torch
+    >>> import mbn_ref as mr
+    >>> import array_api_compat.torch as xp
+    >>> x = torch.randn(4, 3, dtype=torch.float64)
+    >>> state = mr.init_state(3, xp=xp, dtype=torch.float64)
+    >>> _, new = kernel_momentum_batch_norm(x, None, None, state, 0.5, 0.9)
+    >>> _ = kernel_momentum_batch_norm_(x, None, None, state, 0.5, 0.9)
+    >>> all(bool(torch.allclose(a, b, rtol=1e-15, atol=0)) for a, b in zip(state, new))
+    True
+    """
+    cdt = _compute_dtype(x)
+    n = state.num_batches_tracked
+    m = x.numel() // x.shape[1]
+    with torch.no_grad():
+        if tau is None:
+            tau = float(conventions.cumulative_decay(n, torch.float64, xp=txp))
+        batch_mean, batch_var = torch.batch_norm_update_stats(x, None, None, 1.0)
+        batch_mean, batch_var = batch_mean.to(cdt), batch_var.to(cdt)  # biased
+        lam_rate, tau_rate = update_rate(lam), update_rate(tau)
+        torch._foreach_lerp_(
+            list(state[:4]),
+            [batch_mean, batch_var, batch_mean, batch_var * conventions.unbiased_factor(m)],
+            [lam_rate, lam_rate, tau_rate, tau_rate],
+        )
+        n.add_(1)
+        ctx = mr.NormContext(
+            x=x,
+            mean=state.moving_mean.clone(),  # a later step's update must not change it
+            rstd=conventions.inverse_std(state.moving_var, eps, xp=txp),
+            gamma=None if weight is None else weight.detach().to(cdt),
+            stats_weight=torch.tensor(lam_rate, dtype=cdt, device=x.device),
+            batch_mean=batch_mean,
+            count=m,
+            axis=1,
+        )
+    return _kernel_norm(x, weight, bias, ctx, state.moving_var, eps)

@@ -37,8 +37,10 @@ from mbn_ref.distributed import AllSum
 from ._function import (
     batch_statistics_norm,
     kernel_momentum_batch_norm,
+    kernel_momentum_batch_norm_,
     momentum_batch_norm,
-    snapshot,
+    saved,
+    update_rate,
 )
 
 __all__ = [
@@ -200,10 +202,10 @@ class _DecayNorm(nn.Module):
             self.inference_decay,
         )
 
-    def _host_tau_or_tensor(self) -> float | torch.Tensor:
-        """Eager training's inference decay: the host value of a fixed decay, else :meth:`_tau`."""
+    def _eager_tau(self) -> float | None:
+        """Eager training's inference decay on the host; ``None``: the cumulative average."""
         if self._host_cumulative.flag(self.cumulative_average):
-            return self._tau()
+            return None
         return self._host_tau.read(self.inference_decay, "inference_decay")
 
     def _check_input(self, x: torch.Tensor, *, synchronized: bool = False) -> None:
@@ -252,8 +254,7 @@ class _DecayNorm(nn.Module):
         if not torch.compiler.is_compiling() and not self._host_cumulative.flag(
             self.cumulative_average
         ):
-            tau = self._host_tau.read(self.inference_decay, "inference_decay")
-            momentum = conventions.update_rate_from_decay(tau)
+            momentum = update_rate(self._host_tau.read(self.inference_decay, "inference_decay"))
             if not self._keeps_moving_statistics:  # BN: nn.BatchNorm2d's very call
                 y = torch.batch_norm(
                     x, self.weight, self.bias, self.running_mean, self.running_var,
@@ -444,15 +445,14 @@ class _MomentumBatchNorm(_DecayNorm):
             self.moving_var.copy_(var)
 
     @staticmethod
-    def _snapshot(state: mr.MBNState) -> mr.MBNState:
-        """``state`` with copies of the moving statistics that a compiled backward saves.
+    def _saved(state: mr.MBNState) -> mr.MBNState:
+        """``state`` with its moving statistics through :func:`~mbn_torch._function.saved`.
 
-        The statistics the backward needs must not be recomputed from the buffers that the
-        step updates (see :func:`~mbn_torch._function.snapshot`); one call of the custom op
-        for both vectors (each call costs a trip through Python).
+        For a compiled step of the core's path: the backward context derives from them, and
+        must not be recomputed from the buffers that the step updates.
         """
-        both = snapshot(torch.stack((state.moving_mean, state.moving_var)))
-        return state._replace(moving_mean=both[0], moving_var=both[1])
+        mean, var = saved(state.moving_mean, state.moving_var)
+        return state._replace(moving_mean=mean, moving_var=var)
 
     def _path(self, x: torch.Tensor, all_sum: AllSum | None) -> str:
         """Which implementation computes this call; each gives the core's numbers.
@@ -516,15 +516,14 @@ class _MomentumBatchNorm(_DecayNorm):
             return self._native(input)
         state = self._state()
         if path == "kernel":
-            decays: tuple[float | torch.Tensor, float | torch.Tensor]
-            if torch.compiler.is_compiling():  # decays as tensors; see snapshot
-                decays = (self.lam, self._tau())
-                state_in = self._snapshot(state)
-            else:
-                decays = (self._host_lam.read(self.lam, "lam"), self._host_tau_or_tensor())
-                state_in = state
+            if not torch.compiler.is_compiling():  # host decays: the buffers in place
+                lam = self._host_lam.read(self.lam, "lam")
+                return kernel_momentum_batch_norm_(
+                    input, self.weight, self.bias, state, lam, self._eager_tau(), eps=self.eps
+                )
+            # compiled: decays as tensors, never read; the new state copied in
             y, new_state = kernel_momentum_batch_norm(
-                input, self.weight, self.bias, state_in, *decays, eps=self.eps
+                input, self.weight, self.bias, state, self.lam, self._tau(), eps=self.eps
             )
             with torch.no_grad():
                 for buffer, value in zip(state, new_state, strict=True):
@@ -533,7 +532,7 @@ class _MomentumBatchNorm(_DecayNorm):
         tau = self._tau() if self.training else self.inference_decay
         state_in = state
         if self.training and torch.compiler.is_compiling():
-            state_in = self._snapshot(state)
+            state_in = self._saved(state)
         y, new_state = momentum_batch_norm(
             input,
             self.weight,
