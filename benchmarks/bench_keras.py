@@ -20,9 +20,9 @@ timed in interleaved rounds (``benchmarks/bench_timing.py``):
 
 Cases: ``32x32x32x64`` (NHWC: ``Conv2D(64, 3, same)`` without bias on
 ``(32, 32, 32, 16)`` -> BN -> ReLU -> global average pooling -> ``Dense(10)``; the BN sees
-``(32, 32, 32, 64)``), ``30x30x30x60`` (the same model with sizes that are not powers of two:
-on the JAX backend the power-of-two case's backward alone takes 1.0x to 1.8x Keras' from one
-process to the next with the same compiled program, this one does not; docs/keras.md) and
+``(32, 32, 32, 64)``), ``30x30x30x60`` (the same model with sizes that are not powers of two,
+added while a process-to-process variance of the JAX ratio at ``32x32x32x64`` was chased: it
+was glibc's malloc, see ``bench_timing.MALLOC_TUNABLES``) and
 ``256x1024`` (``Dense(1024)`` without bias on ``(256, 256)`` -> BN -> ReLU -> ``Dense(10)``;
 the BN sees ``(256, 1024)``). Modes on the TensorFlow backend:
 ``tf_function`` (a hand-written ``tf.function`` train step, what ``model.fit`` compiles) and
