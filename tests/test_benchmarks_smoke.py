@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,9 +36,12 @@ def _positive_finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
 
-def _run(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+def _run(
+    script: str, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, str(BENCH_DIR / script), *args],
+        env=env,
         capture_output=True,
         text=True,
         timeout=240,
@@ -63,6 +67,42 @@ def test_header_names_versions_and_threads(quick_report: dict[str, Any]) -> None
     assert header["numpy_blas"]["source"] in ("threadpoolctl", "numpy.show_config")
     assert header["settings"]["quick"] is True
     assert header["settings"]["rounds"] == 1
+
+
+def _glibc() -> bool:
+    import platform
+
+    return sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+
+
+def test_scripts_run_under_steady_malloc(quick_report: dict[str, Any]) -> None:
+    """The script re-executed itself with the malloc thresholds (benchmarks/README.md)."""
+    if not _glibc():
+        pytest.skip("glibc's malloc only")
+    if "glibc.malloc.mmap_threshold" in os.environ.get("GLIBC_TUNABLES", ""):
+        pytest.skip("this session sets its own malloc thresholds")
+    sys.path.insert(0, str(BENCH_DIR))
+    try:
+        from bench_timing import MALLOC_TUNABLES
+    finally:
+        sys.path.remove(str(BENCH_DIR))
+    assert MALLOC_TUNABLES in quick_report["header"]["glibc_tunables"]
+
+
+def test_default_malloc_keeps_glibcs_thresholds(tmp_path: Path) -> None:
+    """``--default-malloc``: no re-execution, no tunables set."""
+    out = tmp_path / "core.json"
+    proc = _run(
+        "bench_core.py",
+        "--quick",
+        "--modes",
+        "eval_forward",
+        "--default-malloc",
+        "--json",
+        str(out),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(out.read_text())["header"]["glibc_tunables"] is None
 
 
 def test_every_case_has_all_contenders_and_modes(quick_report: dict[str, Any]) -> None:
