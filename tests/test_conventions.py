@@ -95,6 +95,22 @@ def test_the_core_running_variance_uses_the_same_factor(shape):
     assert _bits(unbiased.running_var) == _bits(cv.unbiased_from_biased(biased.running_var, m))
 
 
+def test_inverse_std_is_the_cores_normalizing_factor():
+    """eps inside the square root, the very factor that normalized the batch, bit for bit."""
+    import mbn_ref as mr
+
+    x = np.random.default_rng(3).normal(3.0, 2.0, size=(6, 4))
+    _, _, ctx = mr.mbn_forward(x, mr.init_state(4), lam=0.0, eps=1e-3)
+    assert _bits(cv.inverse_std(x.var(axis=0), 1e-3)) == _bits(ctx.rstd)
+    assert cv.inverse_std(np.array([3.0]), 1.0).tolist() == [0.5]
+
+
+@pytest.mark.parametrize("eps", [0.0, -1e-5, math.nan, math.inf, "1e-5"])
+def test_inverse_std_refuses_a_bad_eps(eps):
+    with pytest.raises((ValueError, TypeError), match="eps"):
+        cv.inverse_std(np.ones(2), eps)
+
+
 UPDATE_RATES = [0, 1, 0.1, 0.9, 0.99, 0.999, 1 / 3, 0.123456789012345678, 1e-17, np.float32(0.9)]
 
 
