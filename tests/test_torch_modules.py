@@ -261,6 +261,7 @@ def test_channels_last_no_copy_of_input():
     ref = copy.deepcopy(module)
     x = torch.randn(SHAPE, dtype=torch.float64)
     x_cl = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    x.requires_grad_(True)
     y = module(x_cl)
     y_ref = ref(x)
     torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
@@ -269,7 +270,9 @@ def test_channels_last_no_copy_of_input():
     saved = [t for t in y.grad_fn.saved_tensors if t is not None and t.shape == x.shape]
     assert saved and saved[0].data_ptr() == x_cl.data_ptr()
     y.backward(_dy(SHAPE, torch.float64))
-    assert x_cl.grad is not None
+    y_ref.backward(_dy(SHAPE, torch.float64))
+    torch.testing.assert_close(x_cl.grad, x.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(module.weight.grad, ref.weight.grad, rtol=1e-12, atol=1e-12)
     for k in mr.MBNState._fields:
         torch.testing.assert_close(getattr(module, k), getattr(ref, k), rtol=1e-12, atol=1e-12)
 
