@@ -259,10 +259,10 @@ def kernel_terms(
     and no division by zero at ``w = 0`` (``lam = 1``), where the terms it scales then fall
     below the dtype's resolution.
     """
-    s = rstd if gamma is None else gamma * rstd
     o = xp.sqrt(stats_weight + xp.finfo(rstd.dtype).eps ** 2)
+    kernel_rstd = o * rstd
     weight = (xp.ones_like(rstd) if gamma is None else gamma) / o
-    per_value = s / at_least_one(xp, count)
+    per_value = (rstd if gamma is None else gamma * rstd) / at_least_one(xp, count)  # s/m
     sum_dy_scale = (1 - stats_weight) * per_value
-    sum_dy_xhat_scale = (o * per_value) * (batch_mean - mean) * rstd
-    return o * rstd, weight, sum_dy_scale, sum_dy_xhat_scale, o
+    sum_dy_xhat_scale = per_value * (batch_mean - mean) * kernel_rstd
+    return kernel_rstd, weight, sum_dy_scale, sum_dy_xhat_scale, o

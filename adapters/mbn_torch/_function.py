@@ -492,7 +492,7 @@ def kernel_momentum_batch_norm_(
             x=x,
             mean=state.moving_mean.clone(),  # a later step's update must not change it
             rstd=conventions.inverse_std(state.moving_var, eps, xp=txp),
-            gamma=None if weight is None else weight.detach().to(cdt),
+            gamma=None if weight is None else weight.to(cdt),  # no_grad: no graph
             stats_weight=torch.tensor(lam_rate, dtype=cdt, device=x.device),
             batch_mean=batch_mean,
             count=m,
