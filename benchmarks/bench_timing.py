@@ -252,6 +252,11 @@ is what PyTorch's CPU performance guide achieves with jemalloc or tcmalloc.
 """
 
 
+def uses_glibc_malloc() -> bool:
+    """Linux with glibc: where :data:`MALLOC_TUNABLES` applies."""
+    return sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+
+
 def steady_malloc(argv: Sequence[str]) -> None:
     """Re-execute this script under :data:`MALLOC_TUNABLES`, unless asked not to.
 
@@ -262,8 +267,7 @@ def steady_malloc(argv: Sequence[str]) -> None:
     if (
         "--default-malloc" in argv
         or "glibc.malloc.mmap_threshold" in tunables
-        or not sys.platform.startswith("linux")
-        or platform.libc_ver()[0] != "glibc"
+        or not uses_glibc_malloc()
     ):
         return
     env = dict(os.environ, GLIBC_TUNABLES=":".join(t for t in (tunables, MALLOC_TUNABLES) if t))

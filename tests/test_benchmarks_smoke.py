@@ -69,23 +69,17 @@ def test_header_names_versions_and_threads(quick_report: dict[str, Any]) -> None
     assert header["settings"]["rounds"] == 1
 
 
-def _glibc() -> bool:
-    import platform
-
-    return sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
-
-
 def test_scripts_run_under_steady_malloc(quick_report: dict[str, Any]) -> None:
     """The script re-executed itself with the malloc thresholds (benchmarks/README.md)."""
-    if not _glibc():
+    sys.path.insert(0, str(BENCH_DIR))
+    try:
+        from bench_timing import MALLOC_TUNABLES, uses_glibc_malloc
+    finally:
+        sys.path.remove(str(BENCH_DIR))
+    if not uses_glibc_malloc():
         pytest.skip("glibc's malloc only")
     if "glibc.malloc.mmap_threshold" in os.environ.get("GLIBC_TUNABLES", ""):
         pytest.skip("this session sets its own malloc thresholds")
-    sys.path.insert(0, str(BENCH_DIR))
-    try:
-        from bench_timing import MALLOC_TUNABLES
-    finally:
-        sys.path.remove(str(BENCH_DIR))
     assert MALLOC_TUNABLES in quick_report["header"]["glibc_tunables"]
 
 

@@ -362,8 +362,8 @@ def kernel_momentum_batch_norm(
 
     The numbers of :func:`momentum_batch_norm` in training with the unbiased estimator and
     the ``propagate`` policy, in fewer passes over the data: the batch's moments and the
-    backward pass come from PyTorch's BN kernels, the state update and the gradient's two
-    MBN terms from the core (:func:`mbn_ref.mbn_from_moments`,
+    backward pass come from PyTorch's BN kernels, the state update and how the backward
+    kernel gives MBN's gradient from the core (:func:`mbn_ref.mbn_from_moments`,
     :func:`mbn_ref.kernel_terms`). For one device (no collective) and at least two
     values per channel.
 
