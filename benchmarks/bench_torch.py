@@ -51,7 +51,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -225,12 +224,21 @@ def _sync(device: str) -> None:
 class Step:
     """One contender's step in one mode, split into forward and backward (for memory)."""
 
-    def __init__(self, model: nn.Module, mode: str, data: Data, device: str) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        mode: str,
+        data: Data,
+        device: str,
+        compile_options: dict[str, Any] | None = None,
+    ) -> None:
         self.mode, self.data, self.device = mode, data, device
         model.train(mode != "eager_eval")
         self.params = list(model.parameters())
         self.model: Callable[[torch.Tensor], torch.Tensor] = (
-            torch.compile(model, fullgraph=True) if mode == "compiled_train" else model
+            torch.compile(model, fullgraph=True, options=compile_options)
+            if mode == "compiled_train"
+            else model
         )
         self.x = data.x.detach().clone().requires_grad_(mode != "eager_eval")
 
@@ -386,6 +394,7 @@ def run_case(
     warmup: int,
     min_sample_s: float,
     seed: int,
+    compile_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     data = Data.make(case, device, dtype, seed)
     torch._dynamo.reset()  # compiled models of earlier cases do not count toward the limit
@@ -394,7 +403,8 @@ def run_case(
     memory: dict[str, dict[str, Any]] = {}
     first_call_s: dict[str, float] = {}
     for contender in CONTENDERS:
-        step = Step(build(contender, case, device, dtype, seed), mode, data, device)
+        model = build(contender, case, device, dtype, seed)
+        step = Step(model, mode, data, device, compile_options)
         t0 = time.perf_counter()
         y = step.forward()  # the first call compiles in compiled mode; fresh state
         dx = step.backward(y)[0] if mode != "eager_eval" else None
@@ -543,6 +553,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    p.add_argument(
+        "--skip-global-guards",
+        action="store_true",
+        help="compiled_train: every contender compiled with torch.compile's guard_filter_fn="
+        "torch.compiler.skip_guard_on_globals_unsafe (no per-call guards on module globals)",
+    )
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible to torch")
@@ -550,7 +566,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(f"--device {args.device!r}: expected cpu or cuda[:N]")
     t = bench_cli.timing(args)
     rounds, warmup, min_sample_s = t.rounds, t.warmup, t.min_sample_s
-    warnings.filterwarnings("ignore", message=".*functools.lru_cache.*")  # dynamo, on the core
 
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -562,6 +577,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "dtype": args.dtype,
         "device": args.device,
         "threads": args.threads,
+        "skip_global_guards": args.skip_global_guards,
         "cases": {c.name: list(c.shape) for c in cases},
         "modes": args.modes,
         "lam": LAM,
@@ -580,6 +596,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{rounds} rounds",
         file=sys.stderr,
     )
+    compile_options = (
+        {"guard_filter_fn": torch.compiler.skip_guard_on_globals_unsafe}
+        if args.skip_global_guards
+        else None
+    )
     results = []
     for case in cases:
         for mode in args.modes:
@@ -594,6 +615,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     warmup=warmup,
                     min_sample_s=min_sample_s,
                     seed=args.seed,
+                    compile_options=compile_options,
                 )
             )
     header["load_average_end"] = load_average()

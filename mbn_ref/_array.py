@@ -53,10 +53,14 @@ def resolve_namespace(xp: Any | None) -> Namespace:
 
     Array libraries that array-api-compat knows (``numpy``, ``torch``, ``cupy``,
     ``jax.numpy``, their compat namespaces) are wrapped as array-api-compat does; any other
-    namespace (e.g. an adapter's namespace over TensorFlow ops) is used as it is.
+    namespace (e.g. an adapter's namespace over TensorFlow ops) is used as it is. A compat
+    namespace is returned at once: no array is made, so a compiler tracing an adapter's
+    ``xp=array_api_compat.torch`` call traces nothing here.
     """
     if xp is None:
         xp = np
+    if getattr(xp, "__name__", "").startswith("array_api_compat."):
+        return xp
     try:
         return array_api_compat.array_namespace(xp.asarray(0.0))
     except TypeError:

@@ -169,7 +169,9 @@ TORCH_CASES = {"4x8x4x4", "16x8", "resnet18_stage"}
 
 @pytest.fixture(scope="module")
 def torch_report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """``--quick`` eager modes on every case, and the compiled mode on the smallest one."""
+    """``--quick`` eager modes on every case, and the compiled mode on the smallest one
+    (with ``--skip-global-guards``: the option's name is torch's to change); the compiled
+    run's header and stderr under ``compiled_header`` and ``compiled_stderr``."""
     out = tmp_path_factory.mktemp("bench") / "torch.json"
     proc = _run(
         "bench_torch.py", "--quick", "--modes", "eager_train", "eager_eval", "--json", str(out)
@@ -185,11 +187,15 @@ def torch_report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "256x1024",
         "--modes",
         "compiled_train",
+        "--skip-global-guards",
         "--json",
         str(compiled),
     )
     assert proc.returncode == 0, f"bench_torch.py compiled failed:\n{proc.stdout}\n{proc.stderr}"
-    report["cases"] += json.loads(compiled.read_text())["cases"]
+    compiled_report = json.loads(compiled.read_text())
+    report["cases"] += compiled_report["cases"]
+    report["compiled_header"] = compiled_report["header"]
+    report["compiled_stderr"] = proc.stderr
     return report
 
 
@@ -202,6 +208,14 @@ def test_torch_header(torch_report: dict[str, Any]) -> None:
     settings = header["settings"]
     assert settings["quick"] is True and settings["rounds"] == 1
     assert settings["dtype"] == "float32" and settings["threads"] == 2
+    assert settings["skip_global_guards"] is False
+    assert torch_report["compiled_header"]["settings"]["skip_global_guards"] is True
+
+
+def test_torch_compiles_without_warnings(torch_report: dict[str, Any]) -> None:
+    """Compiling the modules traces the core with ``xp=array_api_compat.torch`` given: no
+    namespace lookup is traced, whose ``functools.lru_cache`` dynamo warns about."""
+    assert "lru_cache" not in torch_report["compiled_stderr"], torch_report["compiled_stderr"]
 
 
 def test_torch_cases_modes_and_contenders(torch_report: dict[str, Any]) -> None:

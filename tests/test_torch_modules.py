@@ -186,10 +186,12 @@ def test_mbn_matches_core_trajectory(lam):
     np.testing.assert_allclose(module(x).detach().numpy(), y_eval, rtol=1e-12, atol=1e-12)
 
 
-def test_two_forwards_then_one_backward():
+@pytest.mark.parametrize("lam", [0.0, 0.6])  # PyTorch's kernel (lam = 0), the kernel path
+def test_two_forwards_then_one_backward(lam):
     """The second step updates the buffers in place before the first step's backward runs:
-    each step's gradient still uses the statistics that normalized its own batch."""
-    lam, tau = 0.6, 0.9
+    each step's gradient still uses the statistics that normalized its own batch (and no
+    in-place write makes autograd refuse the first step's backward)."""
+    tau = 0.9
     module = MomentumBatchNorm2d(3, momentum=1 - tau, dtype=torch.float64, lam=lam)
     _affine(module, torch.float64)
     gamma, beta = module.weight.detach().numpy().copy(), module.bias.detach().numpy().copy()

@@ -438,10 +438,10 @@ def kernel_momentum_batch_norm_(
 
     The fewest operations per step for host decays (an eager module's, read and validated
     once per change): ``torch.batch_norm_update_stats`` computes the batch's mean and biased
-    variance in one pass, and one ``torch._foreach_lerp_`` moves all four statistics in
-    place, each with its decay (``d*old + (1-d)*batch``: Eq. 8 with ``lam`` for the moving
-    statistics, ``tau`` and the unbiased variance for the inference ones). The normalizing
-    statistics, the gradient's terms and the backward pass are
+    variance in one pass and moves the inference statistics inside the kernel (update rate
+    ``1 - tau``, unbiased variance: ``nn.BatchNorm2d``'s kernel's very update), and one
+    ``torch._foreach_lerp_`` moves the moving statistics in place (Eq. 8 with ``lam``). The
+    normalizing statistics, the gradient's terms and the backward pass are
     :func:`kernel_momentum_batch_norm`'s.
 
     Parameters
@@ -475,17 +475,16 @@ def kernel_momentum_batch_norm_(
     """
     cdt = _compute_dtype(x)
     n = state.num_batches_tracked
-    m = x.numel() // x.shape[1]
     with torch.no_grad():
         if tau is None:
             tau = float(conventions.cumulative_decay(n, torch.float64, xp=txp))
-        batch_mean, batch_var = torch.batch_norm_update_stats(x, None, None, 1.0)
+        batch_mean, batch_var = torch.batch_norm_update_stats(
+            x, state.running_mean, state.running_var, update_rate(tau)
+        )
         batch_mean, batch_var = batch_mean.to(cdt), batch_var.to(cdt)  # biased
-        lam_rate, tau_rate = update_rate(lam), update_rate(tau)
+        lam_rate = update_rate(lam)
         torch._foreach_lerp_(
-            list(state[:4]),
-            [batch_mean, batch_var, batch_mean, batch_var * conventions.unbiased_factor(m)],
-            [lam_rate, lam_rate, tau_rate, tau_rate],
+            [state.moving_mean, state.moving_var], [batch_mean, batch_var], lam_rate
         )
         n.add_(1)
         ctx = mr.NormContext(
@@ -495,7 +494,7 @@ def kernel_momentum_batch_norm_(
             gamma=None if weight is None else weight.to(cdt),  # no_grad: no graph
             stats_weight=torch.tensor(lam_rate, dtype=cdt, device=x.device),
             batch_mean=batch_mean,
-            count=m,
+            count=x.numel() // x.shape[1],
             axis=1,
         )
     return _kernel_norm(x, weight, bias, ctx, state.moving_var, eps)

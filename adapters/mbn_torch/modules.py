@@ -21,6 +21,7 @@ never recompiles a compiled model.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Container
 from typing import Any, ClassVar
@@ -51,6 +52,11 @@ __all__ = [
     "MomentumBatchNorm2d",
     "MomentumBatchNorm3d",
 ]
+
+_HALF = (torch.float16, torch.bfloat16)
+
+_unbiased_factor = functools.lru_cache(maxsize=64)(conventions.unbiased_factor)
+"""Bessel's ``m/(m-1)``, remembered: an eager step's batch size rarely changes."""
 
 _BATCHNORM_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
@@ -188,6 +194,13 @@ class _DecayNorm(nn.Module):
     def _state_names(self) -> tuple[str, ...]:
         return mr.BNState._fields
 
+    def _tracked_buffers(self) -> dict[str, torch.Tensor]:
+        """The buffers by name, none of them ``None`` (``track_running_stats=True``).
+
+        For the calls made every step: they skip ``nn.Module.__getattr__`` for each buffer.
+        """
+        return self._buffers  # type: ignore[return-value]
+
     def _tau(self) -> torch.Tensor:
         """The decay of this training step's inference-statistics update (0-d tensor)."""
         n = self.num_batches_tracked
@@ -236,43 +249,55 @@ class _DecayNorm(nn.Module):
         Evaluation normalizes with the inference statistics. Training normalizes with the
         batch's statistics (BN; MBN with ``lam = 0``):
 
-        - eager, with a fixed decay: the kernel also updates ``running_mean``/``running_var``
+        - eager BN, with a fixed decay: the kernel also updates ``running_mean``/``running_var``
           with the update rate ``1 - decay`` read on the host (once per change, see
           :class:`_HostDecay`), as ``nn.BatchNorm2d`` does;
+        - eager MBN, with a fixed decay: the kernel writes the batch mean and unbiased
+          variance into the moving statistics (update rate 1, Eq. 8 with ``lam = 0``); one
+          lerp moves the inference statistics toward them, and the moving variance is made
+          biased: two operations besides the kernel;
         - compiled, or the cumulative average: the kernel writes the batch mean and unbiased
           variance into two scratch vectors (update rate 1: each then holds exactly the
           batch's value) and the core's :func:`mbn_ref.update_running_statistics` updates the
           buffers with the decay tensor, never read on the host.
+
+        An update rate of 1 keeps the old value's NaN or infinity (``0*inf``), as Eq. 8's
+        ``lam*old + (1 - lam)*batch`` does at ``lam = 0``.
         """
         if not self.training:
             return torch.batch_norm(
                 x, self.weight, self.bias, self.running_mean, self.running_var,
                 False, 0.0, self.eps, torch.backends.cudnn.enabled,
             )  # fmt: skip
-        assert self.running_mean is not None and self.running_var is not None
-        assert self.num_batches_tracked is not None
+        buffers = self._tracked_buffers()
+        running_mean, running_var = buffers["running_mean"], buffers["running_var"]
+        n = buffers["num_batches_tracked"]
         if not torch.compiler.is_compiling() and not self._host_cumulative.flag(
-            self.cumulative_average
+            buffers["cumulative_average"]
         ):
-            momentum = update_rate(self._host_tau.read(self.inference_decay, "inference_decay"))
+            tau = self._host_tau.read(buffers["inference_decay"], "inference_decay")
+            momentum = update_rate(tau)
+            # no grad mode needed below: no buffer requires grad, and a kernel's updates of
+            # the statistics are not differentiable
             if not self._keeps_moving_statistics:  # BN: nn.BatchNorm2d's very call
-                y = torch.batch_norm(
-                    x, self.weight, self.bias, self.running_mean, self.running_var,
+                n.add_(1)
+                return torch.batch_norm(
+                    x, self.weight, self.bias, running_mean, running_var,
                     True, momentum, self.eps, torch.backends.cudnn.enabled,
                 )  # fmt: skip
-                with torch.no_grad():
-                    self.num_batches_tracked.add_(1)
-                return y
-            y, batch_mean, inv_std = torch.native_batch_norm(
-                x, self.weight, self.bias, self.running_mean, self.running_var,
-                True, momentum, self.eps,
+            moving_mean, moving_var = buffers["moving_mean"], buffers["moving_var"]
+            n.add_(1)
+            y = torch.batch_norm(
+                x, self.weight, self.bias, moving_mean, moving_var,
+                True, 1.0, self.eps, torch.backends.cudnn.enabled,
             )  # fmt: skip
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                self._after_native(batch_mean, inv_std, None)
+            torch._foreach_lerp_([running_mean, running_var], [moving_mean, moving_var], momentum)
+            # .data: autograd saved moving_var, whose value a training backward never reads;
+            # a version bump would make that backward refuse to run
+            moving_var.data.div_(_unbiased_factor(x.numel() // self.num_features))  # biased
             return y
         tau_t = self._tau()
-        stats = torch.zeros((2, self.num_features), dtype=self.running_mean.dtype, device=x.device)
+        stats = torch.zeros((2, self.num_features), dtype=running_mean.dtype, device=x.device)
         batch_mean, batch_var = stats[0], stats[1]
         y = torch.batch_norm(
             x, self.weight, self.bias, batch_mean, batch_var,
@@ -280,23 +305,20 @@ class _DecayNorm(nn.Module):
         )  # fmt: skip
         m = x.numel() // self.num_features
         biased = conventions.biased_from_unbiased(batch_var, m)
-        state = mr.BNState(self.running_mean, self.running_var, self.num_batches_tracked)
+        state = mr.BNState(running_mean, running_var, n)
         new = mr.update_running_statistics(
             state, batch_mean, biased, m, decay=tau_t, estimator="unbiased", xp=txp
         )
         with torch.no_grad():
             for buffer, value in zip(state, new, strict=True):
                 buffer.copy_(value)
-            self._after_native(batch_mean, None, biased)
+            self._after_native(batch_mean, biased)
         return y
 
-    def _after_native(
-        self, batch_mean: torch.Tensor, inv_std: torch.Tensor | None, var: torch.Tensor | None
-    ) -> None:
+    def _after_native(self, batch_mean: torch.Tensor, var: torch.Tensor) -> None:
         """Further state a fused training step updates (MBN: the moving statistics).
 
-        The batch's biased variance is ``var``, or ``1/inv_std**2 - eps`` from the kernel's
-        saved inverse standard deviation.
+        ``batch_mean`` and ``var`` (biased) are the batch's.
         """
 
     def _load_from_state_dict(
@@ -424,25 +446,18 @@ class _MomentumBatchNorm(_DecayNorm):
         return mr.MBNState._fields
 
     def _state(self) -> mr.MBNState:
-        return mr.MBNState(*(getattr(self, name) for name in mr.MBNState._fields))
+        buffers = self._tracked_buffers()
+        return mr.MBNState(*(buffers[name] for name in mr.MBNState._fields))
 
     def _all_sum(self) -> AllSum | None:
         """The collective of synchronized statistics; ``None``: this device's batch alone."""
         return None
 
-    def _after_native(
-        self, batch_mean: torch.Tensor, inv_std: torch.Tensor | None, var: torch.Tensor | None
-    ) -> None:
+    def _after_native(self, batch_mean: torch.Tensor, var: torch.Tensor) -> None:
         # lam = 0: the moving statistics are the batch's (Eq. 8 with lam = 0)
         assert self.moving_mean is not None and self.moving_var is not None
         self.moving_mean.copy_(batch_mean)
-        if var is None:
-            assert inv_std is not None
-            # var + eps = 1/inv_std**2: exact to a few ulps of var + eps
-            torch.pow(inv_std, -2, out=self.moving_var)
-            self.moving_var.sub_(self.eps)
-        else:
-            self.moving_var.copy_(var)
+        self.moving_var.copy_(var)
 
     @staticmethod
     def _saved(state: mr.MBNState) -> mr.MBNState:
@@ -471,20 +486,21 @@ class _MomentumBatchNorm(_DecayNorm):
         """
         if not self.training:
             return "native" if self.nonfinite != "raise" else "core"
+        dtype = x.dtype
         if (
             all_sum is not None
             or self.nonfinite != "propagate"
             or x.numel() < 2 * self.num_features
-            or (x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16))
+            or (dtype in _HALF and x.device.type == "cpu")
         ):
             return "core"
-        assert self.moving_mean is not None
-        compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        if self.moving_mean.dtype != compute_dtype:
+        buffers = self._tracked_buffers()
+        moving_dtype = buffers["moving_mean"].dtype
+        if moving_dtype != (torch.float64 if dtype == torch.float64 else torch.float32):
             return "core"
         if torch.compiler.is_compiling():  # lam is not read: the kernel path serves any lam
             return "kernel"
-        lam = self._host_lam.read(self.lam, "lam")  # validated, read once per change
+        lam = self._host_lam.read(buffers["lam"], "lam")  # validated, read once per change
         return "native" if lam == 0.0 else "kernel"
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
