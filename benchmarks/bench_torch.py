@@ -6,6 +6,7 @@ Run (from the repository root)::
     python benchmarks/bench_torch.py --quick --json /tmp/t.json   # seconds: tiny shapes, 1 round
     python benchmarks/bench_torch.py --cases resnet18_stage --modes eager_train
     python benchmarks/bench_torch.py --device cuda --dtype bfloat16   # where a GPU is
+    python benchmarks/bench_torch.py --modes compiled_train --skip-global-guards
 
 Every contender is the same model as the baseline with its batch-norm layers replaced (same
 weights, same inputs, same process, same thread count: 2 by default), timed in interleaved
@@ -24,7 +25,9 @@ plus the identity, 64 channels, input ``(8, 64, 56, 56)``: what a batch norm cos
 real network). Modes: ``eager_train`` (forward, then ``torch.autograd.grad`` of the input
 and every parameter), ``eager_eval`` (forward under ``torch.no_grad()``) and
 ``compiled_train`` (``torch.compile(model, fullgraph=True)``, inductor, then the same
-gradients; the ratio is to the compiled baseline). A time ratio is the median over rounds of
+gradients; the ratio is to the compiled baseline; ``--skip-global-guards`` compiles every
+contender with ``guard_filter_fn=torch.compiler.skip_guard_on_globals_unsafe``, to measure
+what Dynamo's guards on module globals cost per call). A time ratio is the median over rounds of
 the contender's time over the baseline's in the same round (the targets' measure); the ratio
 of the two minima over rounds is printed beside it (``of_minima``: closer to a quiet
 machine's when other processes compete for the cores).

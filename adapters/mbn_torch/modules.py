@@ -261,7 +261,7 @@ class _DecayNorm(nn.Module):
           batch's value) and the core's :func:`mbn_ref.update_running_statistics` updates the
           buffers with the decay tensor, never read on the host.
 
-        An update rate of 1 keeps the old value's NaN or infinity (``0*inf``), as Eq. 8's
+        With the update rate 1 a non-finite old value gives NaN (``0*inf``), as Eq. 8's
         ``lam*old + (1 - lam)*batch`` does at ``lam = 0``.
         """
         if not self.training:
