@@ -732,6 +732,24 @@ def test_nan_input_under_each_policy(lam):
         MomentumBatchNorm2d(3, nonfinite="ignore")
 
 
+@pytest.mark.parametrize("lam", [0.0, 0.5])
+def test_state_after_a_nan_batch_follows_the_core(lam):
+    """``propagate``, then a finite batch: every buffer is the core's, NaN for NaN. Eq. 8
+    keeps the moving statistics NaN at every ``lam`` (``lam*NaN`` is NaN even at 0), on
+    PyTorch's kernel at ``lam = 0`` (update rate 1) as on the core."""
+    module = MomentumBatchNorm2d(3, lam=lam, momentum=0.2, dtype=torch.float64)
+    state = mr.init_state(3)
+    batches = [_nan_batch().double(), _batches(torch.float64, n=1)[0]]
+    for x in batches:
+        module(x)
+        _, state, _ = mr.mbn_forward(x.numpy(), state, lam=lam, tau=0.8, estimator="unbiased")
+    assert module.moving_mean[1].isnan() and module.running_var[1].isnan()
+    for key in mr.MBNState._fields:
+        np.testing.assert_allclose(
+            getattr(module, key).numpy(), getattr(state, key), rtol=1e-12, err_msg=key
+        )
+
+
 def test_wrong_checkpoint_loads_nothing_of_the_module():
     module = MomentumBatchNorm2d(3, lam=0.5)
     module(torch.randn(SHAPE))
