@@ -338,10 +338,9 @@ def _kernel_norm(
     with torch.no_grad():
         terms = mr.kernel_terms(ctx, xp=txp)
         mean = ctx.mean
-        if torch.compiler.is_compiling():  # see saved
-            o = terms.rstd_scale.expand_as(mean)
-            mean, rstd, weight_k, scale0, scale1, o = saved(mean, *terms[:-1], o)
-            terms = mr.KernelTerms(rstd, weight_k, scale0, scale1, o)
+        if torch.compiler.is_compiling():  # see saved; rstd_scale comes from lam alone
+            mean, rstd, weight_k, scale0, scale1 = saved(mean, *terms[:-1])
+            terms = mr.KernelTerms(rstd, weight_k, scale0, scale1, terms.rstd_scale)
     y: torch.Tensor = _KernelNormFunction.apply(  # type: ignore[no-untyped-call]
         x, weight, bias, mean, var, terms, eps
     )
