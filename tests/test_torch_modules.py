@@ -732,17 +732,21 @@ def test_nan_input_under_each_policy(lam):
         MomentumBatchNorm2d(3, nonfinite="ignore")
 
 
+@pytest.mark.parametrize("momentum", [0.2, None])
 @pytest.mark.parametrize("lam", [0.0, 0.5])
-def test_state_after_a_nan_batch_follows_the_core(lam):
+def test_state_after_a_nan_batch_follows_the_core(lam, momentum):
     """``propagate``, then a finite batch: every buffer is the core's, NaN for NaN. Eq. 8
     keeps the moving statistics NaN at every ``lam`` (``lam*NaN`` is NaN even at 0), on
-    PyTorch's kernel at ``lam = 0`` (update rate 1) as on the core."""
-    module = MomentumBatchNorm2d(3, lam=lam, momentum=0.2, dtype=torch.float64)
+    PyTorch's kernel at ``lam = 0`` (update rate 1) as on the core, with a fixed decay and
+    with the cumulative average."""
+    module = MomentumBatchNorm2d(3, lam=lam, momentum=momentum, dtype=torch.float64)
     state = mr.init_state(3)
     batches = [_nan_batch().double(), _batches(torch.float64, n=1)[0]]
     for x in batches:
         module(x)
-        _, state, _ = mr.mbn_forward(x.numpy(), state, lam=lam, tau=0.8, estimator="unbiased")
+        n = int(state.num_batches_tracked)
+        tau = 0.8 if momentum else n / (n + 1)  # the cumulative average's decay
+        _, state, _ = mr.mbn_forward(x.numpy(), state, lam=lam, tau=tau, estimator="unbiased")
     assert module.moving_mean[1].isnan() and module.running_var[1].isnan()
     for key in mr.MBNState._fields:
         np.testing.assert_allclose(

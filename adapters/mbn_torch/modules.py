@@ -454,10 +454,12 @@ class _MomentumBatchNorm(_DecayNorm):
         return None
 
     def _after_native(self, batch_mean: torch.Tensor, var: torch.Tensor) -> None:
-        # lam = 0: the moving statistics are the batch's (Eq. 8 with lam = 0)
-        assert self.moving_mean is not None and self.moving_var is not None
-        self.moving_mean.copy_(batch_mean)
-        self.moving_var.copy_(var)
+        # lam = 0: the moving statistics are the batch's (Eq. 8 with lam = 0), with the
+        # update rate 1 of the fixed-decay path: a non-finite old value gives NaN there too
+        buffers = self._tracked_buffers()
+        torch._foreach_lerp_(
+            [buffers["moving_mean"], buffers["moving_var"]], [batch_mean, var], 1.0
+        )
 
     @staticmethod
     def _saved(state: mr.MBNState) -> mr.MBNState:
