@@ -320,6 +320,9 @@ def batch_statistics_norm(
 update_rate = functools.lru_cache(maxsize=256)(conventions.update_rate_from_decay)
 """PyTorch's ``momentum`` from a host decay, remembered: an eager step's decay rarely changes."""
 
+unbiased_factor = functools.lru_cache(maxsize=64)(conventions.unbiased_factor)
+"""Bessel's ``m/(m-1)``, remembered: an eager step's batch size rarely changes."""
+
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype of statistics: float64 for float64 input, float32 otherwise."""

@@ -21,7 +21,6 @@ never recompiles a compiled model.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Container
 from typing import Any, ClassVar
@@ -41,6 +40,7 @@ from ._function import (
     kernel_momentum_batch_norm_,
     momentum_batch_norm,
     saved,
+    unbiased_factor,
     update_rate,
 )
 
@@ -54,9 +54,6 @@ __all__ = [
 ]
 
 _HALF = (torch.float16, torch.bfloat16)
-
-_unbiased_factor = functools.lru_cache(maxsize=64)(conventions.unbiased_factor)
-"""Bessel's ``m/(m-1)``, remembered: an eager step's batch size rarely changes."""
 
 _BATCHNORM_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
@@ -217,9 +214,10 @@ class _DecayNorm(nn.Module):
 
     def _eager_tau(self) -> float | None:
         """Eager training's inference decay on the host; ``None``: the cumulative average."""
-        if self._host_cumulative.flag(self.cumulative_average):
+        buffers = self._tracked_buffers()
+        if self._host_cumulative.flag(buffers["cumulative_average"]):
             return None
-        return self._host_tau.read(self.inference_decay, "inference_decay")
+        return self._host_tau.read(buffers["inference_decay"], "inference_decay")
 
     def _check_input(self, x: torch.Tensor, *, synchronized: bool = False) -> None:
         """PyTorch's checks and messages; nothing has changed when one raises."""
@@ -272,10 +270,8 @@ class _DecayNorm(nn.Module):
         buffers = self._tracked_buffers()
         running_mean, running_var = buffers["running_mean"], buffers["running_var"]
         n = buffers["num_batches_tracked"]
-        if not torch.compiler.is_compiling() and not self._host_cumulative.flag(
-            buffers["cumulative_average"]
-        ):
-            tau = self._host_tau.read(buffers["inference_decay"], "inference_decay")
+        tau = None if torch.compiler.is_compiling() else self._eager_tau()
+        if tau is not None:
             momentum = update_rate(tau)
             # no grad mode needed below: no buffer requires grad, and a kernel's updates of
             # the statistics are not differentiable
@@ -294,7 +290,7 @@ class _DecayNorm(nn.Module):
             torch._foreach_lerp_([running_mean, running_var], [moving_mean, moving_var], momentum)
             # .data: autograd saved moving_var, whose value a training backward never reads;
             # a version bump would make that backward refuse to run
-            moving_var.data.div_(_unbiased_factor(x.numel() // self.num_features))  # biased
+            moving_var.data.div_(unbiased_factor(x.numel() // self.num_features))  # biased
             return y
         tau_t = self._tau()
         stats = torch.zeros((2, self.num_features), dtype=running_mean.dtype, device=x.device)
